@@ -1,0 +1,1 @@
+"""Latent priors: the CompVis LDM checkpoints (``ldm``) and the embedded demo prior (``toy``)."""
