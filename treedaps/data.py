@@ -1,0 +1,123 @@
+"""Ground-truth images for the experiments, loaded the way DAPS's ``ImageDataset`` loads them.
+
+Files: every ``.jpg .JPG .jpeg .JPEG .png .PNG`` file under ``root`` (recursively), sorted as
+``pathlib.Path`` objects (part by part, like DAPS's ``sorted(Path.rglob(...))``), then the slice
+``[start_id:end_id]``. The suffix match is exact (``.Jpg`` is not an image), and each file is
+listed once, also on case-insensitive file systems.
+
+Pixels: PIL open -> RGB -> ``to_tensor`` (float in [0, 1]) -> resize so that the short side is
+``resolution`` (bilinear; a smaller image is upsampled, as in DAPS) -> center crop
+``resolution x resolution`` -> ``x * 2 - 1``, clamped to [-1, 1] (the antialiased resize
+rounds up to ~5e-7 past 1 on some demo ImageNet pixels; DAPS keeps those). No EXIF rotation is applied (DAPS applies
+none).
+
+``antialias``: torchvision's tensor ``Resize`` changed its default from ``antialias=False``
+(before 0.17) to ``True`` (0.17 on). DAPS passes no value, so its pixels depend on the installed
+torchvision, and so does PSNR against them (the two ground truths of the ten demo ImageNet images
+are 35-47 dB PSNR apart; 256 x 256 FFHQ images are not resized, so they are unaffected). We pin the value: ``antialias=True``
+(default) matches DAPS under a current torchvision, ``False`` matches it under an old one.
+
+Colour modes: DAPS feeds PIL's image to ``ToTensor`` as is and repeats a 1-channel result to 3
+channels. We instead call ``Image.convert("RGB")`` on every image that is not RGB already:
+grey ``L`` / ``1`` images give three equal channels (the same pixels as DAPS's repeat); palette
+``P`` images give their palette colours (DAPS would give palette indices); ``RGBA`` / ``LA``
+images drop the alpha channel and keep the stored colours, without compositing on any background
+(DAPS would give 4 channels); ``CMYK`` / ``YCbCr`` use PIL's conversion. 16-bit and float images
+(modes ``I``, ``I;16*``, ``F``) are refused with an error naming the file, because PIL's RGB
+conversion would clip them to 8 bits.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")
+_HIGH_DEPTH_MODES = ("I", "F")  # prefixes: I, I;16, I;16B, I;16L, I;16N, F
+
+_HOW_TO_GET_DATA = (
+    "use the DAPS test sets (the first 100 images of the FFHQ / ImageNet test sets as in DAPS's "
+    "download.sh, same folder layout) or ../shared/data/demo-ffhq, ../shared/data/demo-imagenet"
+)
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All image files under ``root`` (recursive), in DAPS's sorted order."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_image(path: str | os.PathLike, resolution: int = 256, antialias: bool = True) -> torch.Tensor:
+    """One image file -> float32 tensor (3, resolution, resolution) in [-1, 1] (see module doc)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith(_HIGH_DEPTH_MODES):
+                raise ValueError(f"unsupported {im.mode!r} image (16-bit or float); save it as 8-bit RGB")
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            x = TF.to_tensor(rgb)
+    except Exception as e:
+        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    x = TF.resize(x, resolution, antialias=antialias)  # short side -> resolution, bilinear
+    x = TF.center_crop(x, resolution)
+    return (x * 2 - 1).clamp(-1, 1).to(torch.float32)  # clamp: resize rounding can overshoot by ~1e-7
+
+
+class ImageFolderDataset(Dataset):
+    """Images of a folder as DAPS loads them; item ``i`` is the ``start_id + i``-th sorted file.
+
+    ``__getitem__(i)`` returns ``{"index": start_id + i, "name": file stem,
+    "image": float32 (3, resolution, resolution) in [-1, 1]}``.
+
+    All checks run in the constructor, before any image is decoded: negative ids,
+    ``start_id >= end_id``, a missing folder, a folder without images, and a range that is not
+    inside the folder (``start_id >= n`` or ``end_id > n``; unlike DAPS's silent slice, asking for
+    100 images of a 10-image folder is an error: pass ``end_id=None`` for "all").
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int = 256, start_id: int = 0,
+                 end_id: int | None = None, antialias: bool = True):
+        if start_id is None:
+            start_id = 0
+        if start_id < 0 or (end_id is not None and end_id < 0):
+            raise ValueError(f"image ids must be >= 0, got start_id={start_id}, end_id={end_id}")
+        if end_id is not None and start_id >= end_id:
+            raise ValueError(f"empty image range: start_id={start_id} must be < end_id={end_id}")
+        if resolution <= 0:
+            raise ValueError(f"resolution must be > 0, got {resolution}")
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"image folder not found: {root}; {_HOW_TO_GET_DATA}")
+        if not root.is_dir():
+            raise NotADirectoryError(f"not a folder: {root}; {_HOW_TO_GET_DATA}")
+        files = list_images(root)
+        n = len(files)
+        if n == 0:
+            raise FileNotFoundError(
+                f"no images ({' '.join(IMAGE_SUFFIXES)}) under {root}; {_HOW_TO_GET_DATA}")
+        if start_id >= n or (end_id is not None and end_id > n):
+            raise ValueError(f"image range [{start_id}:{end_id}] is outside the folder: "
+                             f"found {n} images under {root} (valid ids 0..{n - 1})")
+        self.root = root
+        self.resolution = int(resolution)
+        self.start_id = int(start_id)
+        self.end_id = end_id
+        self.antialias = bool(antialias)
+        self.files = files[start_id:end_id]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"item {i} out of range for {len(self)} images")
+        i %= len(self)
+        path = self.files[i]
+        return {"index": self.start_id + i, "name": path.stem,
+                "image": load_image(path, self.resolution, self.antialias)}
+
+    def get_shape(self) -> tuple[int, int, int]:
+        return (3, self.resolution, self.resolution)
