@@ -121,3 +121,41 @@ class ImageFolderDataset(Dataset):
 
     def get_shape(self) -> tuple[int, int, int]:
         return (3, self.resolution, self.resolution)
+
+
+class DemoDataset(Dataset):
+    """Ground truths of the embedded demo: components ``start_id .. end_id - 1`` of the toy prior.
+
+    They are mixture components (base images), so the posterior's modes are known exactly: the
+    image itself (0 degrees) and its rotation (180 degrees, also a component).
+    """
+
+    def __init__(self, images: torch.Tensor, num_base: int, start_id: int = 0, end_id: int | None = None):
+        end_id = num_base if end_id is None else end_id
+        if start_id < 0 or end_id <= start_id or end_id > num_base:
+            raise ValueError(f"data=demo has {num_base} ground truths; the range [{start_id}, {end_id}) "
+                             f"is empty or outside it")
+        self.images, self.start_id, self.end_id = images, start_id, end_id
+
+    def __len__(self) -> int:
+        return self.end_id - self.start_id
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        index = self.start_id + i
+        return {"index": index, "name": f"demo{index:03d}", "image": self.images[index].detach().cpu()}
+
+
+def build_dataset(cfg, model=None) -> Dataset:
+    """``data`` config -> dataset. ``name: image`` is a folder; ``name: demo`` needs ``model=toy``."""
+    if cfg.name == "demo":
+        if model is None or not hasattr(model, "num_base"):
+            raise ValueError("data=demo holds the embedded prior's own images: it needs model=toy")
+        return DemoDataset(model.images, model.num_base, int(cfg.start_id),
+                           None if cfg.end_id is None else int(cfg.end_id))
+    if cfg.name == "image":
+        return ImageFolderDataset(cfg.root, int(cfg.resolution), int(cfg.start_id),
+                                  None if cfg.end_id is None else int(cfg.end_id),
+                                  bool(cfg.get("antialias", True)))
+    raise ValueError(f"data.name must be 'image' or 'demo', got {cfg.name!r}")

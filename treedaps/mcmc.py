@@ -23,8 +23,8 @@ from .device import Device
 
 # (z0) -> (clamped data gradient, per-particle loss); see ``latent_data_gradient``.
 DataGradient = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# (z0) -> extra score term (e.g. repulsion), added to the score.
-ExtraScore = Callable[[torch.Tensor], torch.Tensor]
+# (z0, diverged) -> extra score term (e.g. repulsion), added to the score.
+ExtraScore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def run_mcmc(z0hat: torch.Tensor, zt: torch.Tensor, sigma: torch.Tensor, lr: flo
         grad, loss = data_gradient(z0)
         score = -grad / cfg.tau ** 2 + (zt - z0) / sigma ** 2 + prior_score
         if extra_score is not None:
-            score = score + extra_score(z0)
+            score = score + extra_score(z0, diverged)
         eps = noise()
         if cfg.algo == "langevin":
             proposal = langevin_update(z0, score, lr, eps)

@@ -23,6 +23,7 @@ class Particles:
     ids: list[int]                           # particle id within its measurement
     measurement: list[int]                   # which measurement of the batch (0..M-1)
     image_index: list[int]                   # global image index (keys the random streams)
+    seeds: list[int]                         # run seed of its measurement (keys the streams)
     generators: list[torch.Generator]
     parents: list[int | None]                # id of the particle this one was copied from
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # per-particle tensors, dim 0 = B
@@ -31,20 +32,22 @@ class Particles:
         return len(self.ids)
 
     @classmethod
-    def start(cls, y: torch.Tensor, image_index: list[int], num_samples: int, latent_shape,
-              prior_sigma: float, seed: int, device: Device) -> "Particles":
+    def start(cls, y: torch.Tensor, image_index: list[int], seeds: list[int], num_samples: int,
+              latent_shape, prior_sigma: float, device: Device) -> "Particles":
         """``num_samples`` particles per measurement; each draws z_T = prior_sigma * n first.
 
         ``y`` holds one measurement per image (M, ...); it is repeated over that image's particles.
+        ``seeds[m]`` keys the particle streams of measurement m (the run's seed, or one of ``seeds``).
         """
         ids = [p for _ in image_index for p in range(num_samples)]
         measurement = [m for m in range(len(image_index)) for _ in range(num_samples)]
         images = [image_index[m] for m in measurement]
-        generators = [device.generator(particle_seed(seed, i, p)) for i, p in zip(images, ids)]
+        generators = [device.generator(particle_seed(seeds[m], i, p))
+                      for m, i, p in zip(measurement, images, ids)]
         noise = torch.stack([device.randn(tuple(latent_shape), g) for g in generators])
         return cls(z=noise * prior_sigma, y=y.to(device.torch_device)[measurement], ids=ids,
-                   measurement=measurement, image_index=images, generators=generators,
-                   parents=[None] * len(ids))
+                   measurement=measurement, image_index=images, seeds=[seeds[m] for m in measurement],
+                   generators=generators, parents=[None] * len(ids))
 
     def randn_like_z(self, device: Device) -> torch.Tensor:
         """One standard-normal draw per particle from its own stream, stacked: (B, C, h, w)."""
@@ -62,10 +65,32 @@ class Particles:
             ids=[self.ids[i] for i in idx],
             measurement=[self.measurement[i] for i in idx],
             image_index=[self.image_index[i] for i in idx],
+            seeds=[self.seeds[i] for i in idx],
             generators=[self.generators[i] for i in idx],
             parents=[self.parents[i] for i in idx],
             state={k: v.index_select(0, index.to(v.device)) for k, v in self.state.items()},
         )
+
+    def copy_with_new_ids(self, indices: list[int], new_ids: list[int], device: Device) -> "Particles":
+        """Copies of the particles at ``indices`` under fresh ids: same latent and state, a new
+        random stream keyed by the new id (never the parent's), parent recorded."""
+        copies = self.select(indices)
+        copies.parents = [self.ids[i] for i in indices]
+        copies.ids = list(new_ids)
+        copies.generators = [device.generator(particle_seed(s, i, p))
+                             for s, i, p in zip(copies.seeds, copies.image_index, new_ids)]
+        return copies
+
+    @staticmethod
+    def concat(parts: list["Particles"]) -> "Particles":
+        """Join particle sets (same latent shape and state keys) into one batch."""
+        first = parts[0]
+        return Particles(
+            z=torch.cat([p.z for p in parts]), y=torch.cat([p.y for p in parts]),
+            ids=[i for p in parts for i in p.ids], measurement=[m for p in parts for m in p.measurement],
+            image_index=[i for p in parts for i in p.image_index], seeds=[s for p in parts for s in p.seeds],
+            generators=[g for p in parts for g in p.generators], parents=[q for p in parts for q in p.parents],
+            state={k: torch.cat([p.state[k] for p in parts]) for k in first.state})
 
     def groups(self) -> dict[int, list[int]]:
         """Batch positions of each measurement's particles."""

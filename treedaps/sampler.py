@@ -56,6 +56,7 @@ def reverse_ode(model: LatentModel, zt: torch.Tensor, sigma: torch.Tensor, cfg: 
 class Retired:
     """A particle that left the batch before the end (pruned or diverged), kept for the record."""
 
+    measurement: int                # its measurement's position in the batch
     image_index: int
     particle_id: int
     status: str                     # "pruned" | "diverged"
@@ -92,9 +93,12 @@ class PhasePlan:
 class SearchHooks:
     """The search's pluggable parts (issue 4 / 5); None = that part is off."""
 
+    # repulsion(particles, scale, sigma) -> extra score term for the MCMC: (z0, diverged) -> tensor
     repulsion: Callable[[Particles, float, torch.Tensor], Callable] | None = None
+    # Records returned by prune / optimize are {measurement position: that measurement's record}.
     prune: Callable[[Particles, int], tuple[Particles, list[Retired], dict]] | None = None
-    optimize: Callable[[Particles, torch.Tensor, int], tuple[torch.Tensor, dict]] | None = None
+    # optimize(particles, z0hat, z0y, step) -> (new z0y, record)
+    optimize: Callable[[Particles, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, dict]] | None = None
 
 
 @dataclass
@@ -142,7 +146,7 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
         # 3. Refine: hard data consistency by latent optimisation.
         if step in plan.optimize_steps and hooks.optimize is not None:
             emit("optimize_start", dict(step=step, particles=particles))
-            z0y, record = hooks.optimize(particles, z0y, step)
+            z0y, record = hooks.optimize(particles, z0hat, z0y, step)
             emit("optimize_end", dict(step=step, particles=particles, record=record))
 
         # A particle that stopped being finite is retired; the others go on.
@@ -150,8 +154,9 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
         if bool(diverged.any()):
             bad = diverged.nonzero().flatten().tolist()
             for pos in bad:
-                retired.append(Retired(*particles.key(pos), status="diverged", step=step,
-                                       z=z0y[pos].detach().cpu(), loss=None,
+                last = z0y[pos] if bool(torch.isfinite(z0y[pos]).all()) else particles.z[pos]
+                retired.append(Retired(particles.measurement[pos], *particles.key(pos), status="diverged",
+                                       step=step, z=last.detach().cpu(), loss=None,
                                        reason="non-finite latent in PF-ODE or MCMC"))
             keep = [p for p in range(len(particles)) if p not in bad]
             particles, z0hat, z0y = (particles.select(keep), z0hat[keep], z0y[keep])

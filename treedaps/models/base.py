@@ -40,6 +40,14 @@ class LatentModel(nn.Module):
             sigma = sigma.view(-1, *([1] * (z.ndim - 1)))
         return (self.denoise(z, sigma) - z) / sigma ** 2
 
+    def hookable_modules(self) -> dict[str, nn.Module]:
+        """The modules whose forward calls are one decoder pass / one denoiser evaluation.
+
+        Telemetry counts compute with forward hooks on them (an observation, not a counter the
+        algorithm increments), and tests use them to see the batch size after pruning.
+        """
+        return {}
+
     def timestep(self, sigma: float) -> float:
         """Diffusion timestep t in [0, 1000) that this model associates with noise level sigma."""
         return self.noise_levels.timestep_float(sigma)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from ..noise_levels import get_noise_levels
 from .base import LatentModel
@@ -66,8 +66,46 @@ def depth_to_space(z: torch.Tensor, r: int) -> torch.Tensor:
     return z.reshape(b, c // (r * r), r, r, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // (r * r), h * r, w * r)
 
 
+class SpaceToDepth(nn.Module):
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return space_to_depth(x, self.r)
+
+
+class DepthToSpace(nn.Module):
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return depth_to_space(z, self.r)
+
+
+class MixtureDenoiser(nn.Module):
+    """Exact E[z0 | z0 + sigma n = z] for p(z0) = (1/K) sum_k N(mu_k, s^2 I), float64 inside."""
+
+    def __init__(self, means: torch.Tensor, component_std: float):
+        super().__init__()
+        self.register_buffer("means", means.flatten(1).double())
+        self.component_std = float(component_std)
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        flat = z.flatten(1).double()
+        sigma = sigma.to(device=z.device, dtype=torch.float64).reshape(-1, 1)
+        var = sigma ** 2 + self.component_std ** 2                                  # (B or 1, 1)
+        sq_dist = ((flat ** 2).sum(1, keepdim=True) + (self.means ** 2).sum(1)[None]
+                   - 2 * flat @ self.means.T).clamp_min(0)                          # (B, K)
+        weights = torch.softmax(-sq_dist / (2 * var), dim=1)
+        mean = weights @ self.means                                                 # (B, d)
+        out = mean + self.component_std ** 2 / var * (flat - mean)
+        return out.to(z.dtype).view_as(z)
+
+
 class GaussianMixturePrior(LatentModel):
-    """Exact mixture denoiser; see the module docstring."""
+    """The demo prior; see the module docstring."""
 
     def __init__(self, num_base: int = 48, image_size: int = 32, component_std: float = 0.05,
                  unshuffle: int = 2, image_seed: int = 0, sigma_mapping: str = "daps"):
@@ -76,33 +114,25 @@ class GaussianMixturePrior(LatentModel):
         # Components: base images then their 180-degree rotations (index k + num_base is k's twin).
         components = torch.cat([base, torch.rot90(base, 2, dims=(-2, -1))])
         self.num_base = num_base
-        self.unshuffle = unshuffle
-        self.component_std = float(component_std)
         self.image_shape = (3, image_size, image_size)
-        means = space_to_depth(components, unshuffle)
+        self.encoder, self.decoder = SpaceToDepth(unshuffle), DepthToSpace(unshuffle)
+        means = self.encoder(components)
         self.latent_shape = tuple(means.shape[1:])
         self.register_buffer("images", components)
-        self.register_buffer("means", means.flatten(1).double())
+        self.mixture = MixtureDenoiser(means, component_std)
         self.noise_levels = get_noise_levels(sigma_mapping)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return space_to_depth(x, self.unshuffle)
+        return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return depth_to_space(z, self.unshuffle)
+        return self.decoder(z)
 
     def denoise(self, z: torch.Tensor, sigma) -> torch.Tensor:
-        """Exact E[z0 | z], in float64 internally (weights at small sigma are sharp)."""
-        flat = z.flatten(1).double()
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=z.device).reshape(-1, 1)
-        var = sigma ** 2 + self.component_std ** 2                                  # (B or 1, 1)
-        sq_dist = ((flat ** 2).sum(1, keepdim=True) + (self.means ** 2).sum(1)[None]
-                   - 2 * flat @ self.means.T).clamp_min(0)                          # (B, K)
-        weights = torch.softmax(-sq_dist / (2 * var), dim=1)
-        mean = weights @ self.means                                                 # (B, d)
-        shrink = self.component_std ** 2 / var
-        out = mean + shrink * (flat - mean)
-        return out.to(z.dtype).view_as(z)
+        return self.mixture(z, torch.as_tensor(sigma))
+
+    def hookable_modules(self) -> dict[str, nn.Module]:
+        return {"decoder": self.decoder, "denoiser": self.mixture}
 
     def twin_index(self, k: int) -> int:
         """Index of component k's 180-degree rotation."""

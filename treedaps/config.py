@@ -1,0 +1,145 @@
+"""Validation of the merged Hydra config, and its translation into the typed pieces the code uses.
+
+Every check raises ``ConfigError`` with one line that names the key, before any heavy work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from .mcmc import MCMCConfig
+from .modes import ModeThresholds
+from .operators import PhaseRetrieval
+from .sampler import AnnealingConfig, ODEConfig
+
+
+class ConfigError(ValueError):
+    """A wrong value or key in the configuration (one-line message)."""
+
+
+# Top-level keys and, for blocks, their allowed sub-keys (None = free-form, checked elsewhere).
+SCHEMA: dict[str, set | None] = {
+    "data": None, "model": None, "task": None, "sampler": None,
+    "name": set(), "save_dir": set(), "seed": set(), "seeds": set(), "num_samples": set(),
+    "repulsion_scale": set(), "pruning_step": set(), "optimization_step": set(),
+    "branch_timestep": set(), "use_tpu": set(), "device": set(), "gpu": set(), "batch_size": set(),
+    "num_runs": set(), "task_group": set(), "eval_fn_list": set(), "save_samples": set(),
+    "save_grids": set(), "progress": set(),
+    "modes": {"min_psnr", "margin"},
+    "telemetry": {"diagnostics", "pairwise_matrices"},
+    "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
+    "pruning": {"num_keep", "loss_factor", "replace_hopeless", "image_size"},
+    "optimization": None,
+}
+METRICS = ("psnr", "ssim", "lpips")
+
+
+def _fail(msg: str):
+    raise ConfigError(msg)
+
+
+def check_keys(cfg: DictConfig) -> None:
+    for key in cfg.keys():
+        if key not in SCHEMA:
+            _fail(f"unknown config key '{key}' (known: {', '.join(sorted(SCHEMA))})")
+        allowed = SCHEMA[key]
+        if allowed and isinstance(cfg[key], DictConfig):
+            for sub in cfg[key].keys():
+                if sub not in allowed:
+                    _fail(f"unknown config key '{key}.{sub}' (known: {', '.join(sorted(allowed))})")
+
+
+def _poly(scheduler: DictConfig, where: str) -> int:
+    if scheduler.get("name", "edm") != "edm":
+        _fail(f"{where}.name must be 'edm' (LatentDAPS's scheduler), got {scheduler.name!r}")
+    timestep = str(scheduler.get("timestep", "poly-7"))
+    if not timestep.startswith("poly-") or not timestep[5:].isdigit():
+        _fail(f"{where}.timestep must be 'poly-<int>', got {timestep!r}")
+    return int(timestep[5:])
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The typed pieces of one run's config."""
+
+    annealing: AnnealingConfig
+    ode: ODEConfig
+    mcmc: MCMCConfig
+    operator: PhaseRetrieval
+    thresholds: ModeThresholds
+    seeds: tuple[int, ...]
+    metrics: tuple[str, ...]
+
+
+def validate(cfg: DictConfig) -> Settings:
+    """Check every key the run uses; one-line ``ConfigError`` on the first problem."""
+    check_keys(cfg)
+    if int(cfg.num_runs) != 1:
+        _fail(f"num_runs={cfg.num_runs}: DAPS's repeated independent runs are particles here; "
+              f"use num_samples={cfg.num_runs} (particles per measurement) with num_runs=1")
+    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
+        _fail(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        _fail(f"batch_size (measurements per batch) must be an integer >= 1, got {cfg.batch_size!r}")
+    if float(cfg.repulsion_scale) < 0:
+        _fail(f"repulsion_scale must be >= 0 (0 = independent particles), got {cfg.repulsion_scale}")
+    for key in ("pruning_step", "optimization_step"):
+        value = float(cfg[key])
+        if value != -1 and not 0 <= value < 1000:
+            _fail(f"{key} is a diffusion timestep in [0, 1000) or -1 (off), got {cfg[key]}")
+    if not 0 <= float(cfg.branch_timestep) < 1000:
+        _fail(f"branch_timestep is a diffusion timestep in [0, 1000), got {cfg.branch_timestep}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        _fail(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    metrics = tuple(cfg.eval_fn_list)
+    for m in metrics:
+        if m not in METRICS:
+            _fail(f"eval_fn_list: unknown metric {m!r} (known: {', '.join(METRICS)})")
+    seeds = tuple(int(s) for s in cfg.seeds) if cfg.seeds is not None else (int(cfg.seed),)
+    if len(set(seeds)) != len(seeds) or not seeds:
+        _fail(f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
+    if cfg.task_group not in cfg.task:
+        _fail(f"task_group={cfg.task_group!r} is not in the task config (choose from "
+              f"{', '.join(cfg.task.keys())})")
+    if int(cfg.num_samples) > 1 and "pruning" in cfg and int(cfg.pruning.num_keep) < 1:
+        _fail(f"pruning.num_keep must be >= 1, got {cfg.pruning.num_keep}")
+    if float(cfg.pruning_step) != -1 and int(cfg.pruning.num_keep) >= int(cfg.num_samples):
+        _fail(f"pruning_step={cfg.pruning_step} with pruning.num_keep={cfg.pruning.num_keep} >= "
+              f"num_samples={cfg.num_samples}: nothing to prune (set pruning_step=-1)")
+
+    group = cfg.task[cfg.task_group]
+    mc = group.mcmc_sampler_config
+    known_mc = {"num_steps", "lr", "tau", "lr_min_ratio", "mc_algo", "prior_solver", "momentum",
+                "prior_sigma_min", "grad_clamp"}
+    for sub in mc.keys():
+        if sub not in known_mc:
+            _fail(f"unknown key task.{cfg.task_group}.mcmc_sampler_config.{sub}")
+    try:
+        mcmc = MCMCConfig(algo=mc.mc_algo, num_steps=int(mc.num_steps), lr=float(mc.lr),
+                          tau=float(mc.tau), lr_min_ratio=float(mc.lr_min_ratio),
+                          momentum=float(mc.get("momentum", 0.41)),
+                          prior_solver=mc.get("prior_solver", "gaussian"),
+                          grad_clamp=float(mc.get("grad_clamp", 1.0)))
+    except ValueError as err:
+        _fail(f"task.{cfg.task_group}.mcmc_sampler_config: {err}")
+    op = group.operator
+    if op.name != "phase_retrieval":
+        _fail(f"task operator must be phase_retrieval, got {op.name!r}")
+    operator = PhaseRetrieval(float(op.oversample), int(op.resolution), float(op.sigma))
+
+    ann, dif = cfg.sampler.annealing_scheduler_config, cfg.sampler.diffusion_scheduler_config
+    annealing = AnnealingConfig(int(ann.num_steps), float(ann.sigma_max), float(ann.sigma_min),
+                                _poly(ann, "sampler.annealing_scheduler_config"))
+    ode = ODEConfig(int(dif.num_steps), float(dif.sigma_min), _poly(dif, "sampler.diffusion_scheduler_config"))
+    if annealing.num_steps < 1 or ode.num_steps < 1:
+        _fail("sampler num_steps must be >= 1")
+    if not annealing.sigma_max > annealing.sigma_min > 0:
+        _fail(f"annealing needs sigma_max > sigma_min > 0, got {annealing.sigma_max}, {annealing.sigma_min}")
+
+    thresholds = ModeThresholds(float(cfg.modes.min_psnr), float(cfg.modes.margin))
+    return Settings(annealing, ode, mcmc, operator, thresholds, seeds, metrics)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

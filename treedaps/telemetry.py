@@ -1,0 +1,162 @@
+"""Telemetry: what the sampler's callback reports, turned into numbers (never changes the run).
+
+Per annealing step of a batch: wall time (device synchronised, telemetry's own work excluded),
+peak accelerator memory (peak counter reset at every step start and around the pruning and the
+latent optimisation), number of live particles. Per measurement and step: the full pairwise
+distance matrix and its mean over the flattened z0y of that measurement's particles, the exact
+measurement loss of each particle's z0y, and (when the ground truth is known) the mode label of
+each particle's decoded z0hat. Compute counts come from forward hooks on the model's decoder and
+denoiser modules: calls and particle-evaluations, split into forward-only and forward+backward
+(a decoder pass under autograd is always followed by exactly one backward pass).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from .device import Device
+from .modes import ModeThresholds, label_modes
+from .models.base import LatentModel
+from .operators import PhaseRetrieval
+
+
+class ModuleCounter:
+    """Counts calls and batch items through a module with a forward hook."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = self.items = self.items_with_grad = 0
+        self.batch_sizes: list[int] = []
+        self.enabled = True
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if not self.enabled:
+            return
+        batch = int(args[0].shape[0])
+        self.calls += 1
+        self.items += batch
+        self.batch_sizes.append(batch)
+        if torch.is_grad_enabled() and args[0].requires_grad:
+            self.items_with_grad += 1 * batch
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class Telemetry:
+    """The sampler's ``callback``; one instance per batch of measurements."""
+
+    def __init__(self, device: Device, model: LatentModel, operator: PhaseRetrieval,
+                 gt: torch.Tensor | None = None, thresholds: ModeThresholds = ModeThresholds(),
+                 diagnostics: bool = True, record_matrices: bool = True):
+        self.device, self.model, self.operator = device, model, operator
+        self.gt = gt
+        self.thresholds = thresholds
+        self.diagnostics = diagnostics
+        self.record_matrices = record_matrices
+        self.steps: list[dict] = []                  # batch-level, one per annealing step
+        self.measurements: dict[int, list[dict]] = {}  # per measurement position, one per step
+        self.events: list[dict] = []                 # prune / optimize records
+        modules = model.hookable_modules()
+        self.counters = {name: ModuleCounter(m) for name, m in modules.items()}
+        self._t0 = self._mark = 0.0
+        self._current: dict = {}
+
+    # -- clocks and memory -------------------------------------------------------------------------
+    def _clock(self) -> float:
+        self.device.synchronize()
+        return time.perf_counter()
+
+    def _peak(self) -> float | None:
+        mem = self.device.memory_mb()
+        return None if mem is None else mem["allocated_mb"]
+
+    @contextmanager
+    def _own_work(self):
+        """Telemetry's own decodes are not counted as the algorithm's compute."""
+        for c in self.counters.values():
+            c.enabled = False
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for c in self.counters.values():
+                c.enabled = True
+
+    # -- the callback --------------------------------------------------------------------------------
+    def __call__(self, event: str, info: dict) -> None:
+        getattr(self, "_on_" + event)(info)
+
+    def _on_step_start(self, info: dict) -> None:
+        self.device.reset_peak()
+        self._current = dict(step=info["step"], sigma=info["sigma"], phase=info["phase"],
+                             particles_in=len(info["particles"]), prune_s=0.0, optimize_s=0.0,
+                             peak_mb=None, optimize_peak_mb=None)
+        self._t0 = self._mark = self._clock()
+
+    def _on_prune_start(self, info: dict) -> None:
+        self._mark = self._clock()
+
+    def _on_prune_end(self, info: dict) -> None:
+        self._current["prune_s"] = self._clock() - self._mark
+        self.events.append(dict(event="prune", step=info["step"], record=info["record"]))
+
+    def _on_optimize_start(self, info: dict) -> None:
+        self._mark = self._clock()
+        self._current["pre_optimize_peak_mb"] = self._peak()
+        self.device.reset_peak()
+
+    def _on_optimize_end(self, info: dict) -> None:
+        self._current["optimize_s"] = self._clock() - self._mark
+        self._current["optimize_peak_mb"] = self._peak()
+        self.events.append(dict(event="optimize", step=info["step"], record=info["record"]))
+
+    def _on_step_end(self, info: dict) -> None:
+        cur = self._current
+        cur["time_s"] = self._clock() - self._t0
+        peaks = [p for p in (self._peak(), cur.pop("pre_optimize_peak_mb", None), cur["optimize_peak_mb"])
+                 if p is not None]
+        cur["peak_mb"] = max(peaks) if peaks else None
+        cur["particles_out"] = len(info["particles"])
+        self.steps.append(cur)
+        self._per_measurement(info)
+
+    # -- per-measurement diagnostics -----------------------------------------------------------------
+    def _per_measurement(self, info: dict) -> None:
+        particles, z0y, z0hat = info["particles"], info["z0y"], info["z0hat"]
+        with self._own_work():
+            loss = labels = None
+            if self.diagnostics and len(particles):
+                loss = self.operator.loss(self.model.decode(z0y), particles.y).tolist()
+                if self.gt is not None:
+                    gt = self.gt.to(z0hat.device)[particles.measurement]
+                    labels = label_modes(gt, self.model.decode(z0hat), self.thresholds)
+            for m, positions in particles.groups().items():
+                flat = z0y[positions].flatten(1).double()
+                dist = torch.cdist(flat, flat)
+                n = len(positions)
+                mean = float(dist.sum() / (n * (n - 1))) if n > 1 else 0.0
+                rec = dict(step=info["step"], ids=[particles.ids[p] for p in positions],
+                           mean_pairwise_z0y=mean)
+                if self.record_matrices:
+                    rec["pairwise_z0y"] = dist.tolist()
+                if loss is not None:
+                    rec["loss_z0y"] = [loss[p] for p in positions]
+                if labels is not None:
+                    rec["mode_z0hat"] = [labels[p]["mode"] for p in positions]
+                    rec["psnr_z0hat"] = [labels[p]["psnr_0"] for p in positions]
+                self.measurements.setdefault(m, []).append(rec)
+
+    # -- summaries -----------------------------------------------------------------------------------
+    def compute_counts(self) -> dict:
+        out = {}
+        for name, c in self.counters.items():
+            out[name] = dict(calls=c.calls, particle_evals=c.items,
+                             particle_evals_with_backward=c.items_with_grad)
+        return out
+
+    def close(self) -> None:
+        for c in self.counters.values():
+            c.remove()
