@@ -163,6 +163,7 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
             result = MCMCResult(result.z0y[keep], result.loss[keep], result.diverged[keep], None)
 
         # 4. Forward diffusion to the next noise level (the last step keeps z0y).
+        particles.state["z0y"] = z0y  # the clean estimate the pruning at the next step judges
         particles.z = z0y + sigma_next * particles.randn_like_z(device) if sigma_next > 0 else z0y
         device.step_boundary()
         emit("step_end", dict(step=step, sigma=float(sigma), phase=plan.phase(step),
