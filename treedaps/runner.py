@@ -200,7 +200,11 @@ class Experiment:
             self.run_dir.write_unit(unit, record, tensors)
 
     def merge(self) -> dict:
-        units = self.run_dir.load_units()
+        # Only this config's range and seeds: an earlier, larger run in the folder is not mixed in.
+        lo = self.dataset.start_id if hasattr(self.dataset, "start_id") else 0
+        hi = lo + len(self.dataset)
+        units = [u for u in self.run_dir.load_units()
+                 if lo <= u["index"] < hi and u["seed"] in self.settings.seeds]
         peak = self.device.memory_mb()
         metadata = dict(
             device=self.device.describe(),

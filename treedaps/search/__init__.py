@@ -1,5 +1,7 @@
 """The tree search around LatentDAPS: repulsion (explore), pruning (branch), latent optimisation
-(refine). ``build_search`` turns the config into the sampler's ``SearchHooks``."""
+(refine). ``build_search`` turns the config into the sampler's ``SearchHooks``; every part that is
+off stays ``None``, so its code does not run at all (``repulsion_scale=0`` is the plain baseline,
+not a force multiplied by 0)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,6 +13,8 @@ from ..config import ConfigError, Settings
 from ..device import Device
 from ..models.base import LatentModel
 from ..sampler import SearchHooks
+from .pruning import PruningConfig, make_prune_hook
+from .repulsion import make_repulsion
 
 
 @dataclass
@@ -19,10 +23,32 @@ class Search:
     optimize_steps: Callable[[int, int], list[int]] | None = None
 
 
+def _bandwidth(value) -> str | float:
+    if value == "median":
+        return "median"
+    try:
+        h = float(value)
+    except (TypeError, ValueError):
+        h = -1.0
+    if not h > 0:
+        raise ConfigError(f"repulsion.bandwidth must be 'median' or a positive number, got {value!r}")
+    return h
+
+
 def build_search(cfg: DictConfig, model: LatentModel, settings: Settings, device: Device) -> Search:
     search = Search()
-    for key in ("repulsion_scale", "pruning_step", "optimization_step"):
-        default = 0.0 if key == "repulsion_scale" else -1.0
-        if float(cfg[key]) != default:
-            raise ConfigError(f"{key}={cfg[key]} is not implemented yet")
+    if float(cfg.repulsion_scale) > 0:
+        if cfg.repulsion.representation != "latent":
+            raise ConfigError(f"repulsion.representation must be 'latent', got {cfg.repulsion.representation!r}")
+        if cfg.repulsion.decay not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"repulsion.decay must be linear, cosine or constant, got {cfg.repulsion.decay!r}")
+        search.hooks.repulsion = make_repulsion(settings.mcmc.tau, _bandwidth(cfg.repulsion.bandwidth))
+    if float(cfg.pruning_step) != -1:
+        p = cfg.pruning
+        if float(p.loss_factor) < 1:
+            raise ConfigError(f"pruning.loss_factor must be >= 1, got {p.loss_factor}")
+        search.hooks.prune = make_prune_hook(model, settings.operator, PruningConfig(
+            int(p.num_keep), float(p.loss_factor), bool(p.replace_hopeless), int(p.image_size)), device)
+    if float(cfg.optimization_step) != -1:
+        raise ConfigError(f"optimization_step={cfg.optimization_step} is not implemented yet")
     return search
