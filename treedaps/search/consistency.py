@@ -142,10 +142,15 @@ class OptimizationConfig:
 
     @classmethod
     def from_mapping(cls, mapping) -> "OptimizationConfig":
-        """From a config block ``{preset: ..., <any field>: ...}`` (e.g. the ``optimization:`` node)."""
+        """From a config block ``{preset: ..., <any field>: ...}`` (e.g. the ``optimization:`` node).
+
+        A key set to None (yaml null) keeps the preset's value; ``budget`` <= 0 means unlimited.
+        """
         values = dict(mapping or {})
-        preset = str(values.pop("preset", "default"))
-        values = {k: v for k, v in values.items() if v is not None or k == "budget"}
+        preset = str(values.pop("preset", None) or "default")
+        values = {k: v for k, v in values.items() if v is not None}
+        if "budget" in values and int(values["budget"]) <= 0:
+            values["budget"] = None
         return cls.from_preset(preset, **values)
 
     def as_dict(self) -> dict:
