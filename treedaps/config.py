@@ -30,7 +30,8 @@ SCHEMA: dict[str, set | None] = {
     "telemetry": {"diagnostics", "pairwise_matrices"},
     "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
     "pruning": {"num_keep", "loss_factor", "replace_hopeless", "image_size"},
-    "optimization": None,
+    "optimization": {"preset", "lr", "max_iters", "eps", "plateau_window", "weight_decay", "noise_aware",
+                     "noise_factor", "start", "schedule", "budget", "final_reserve"},
 }
 METRICS = ("psnr", "ssim", "lpips")
 

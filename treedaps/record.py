@@ -120,6 +120,41 @@ def merge(units: list[dict], metadata: dict, metrics: tuple[str, ...]) -> dict:
                 slot[k] += v
     out["compute"] = dict(total=counts, per_unit_mean={m: {k: v / len(units) for k, v in c.items()}
                                                        for m, c in counts.items()} if units else {})
+    out["optimization"] = optimization_summary(units)
     out["diverged"] = [dict(index=u["index"], seed=u["seed"], particle=p["id"], step=p["left_at_step"])
                        for u in units for p in u["particles"] if p["status"] == "diverged"]
     return out
+
+
+def optimization_summary(units: list[dict]) -> dict | None:
+    """Latent optimisation over all units: iterations actually run (per particle and event, for a
+    histogram), stop reasons, decoder passes, time per particle; None when it never ran."""
+    rows = [dict(step=e["step"], **p) for u in units for e in u.get("events", [])
+            if e["event"] == "optimize" for p in e.get("particles", [])]
+    if not rows:
+        return None
+    per_particle: dict = {}
+    for u in units:
+        for e in u.get("events", []):
+            if e["event"] != "optimize":
+                continue
+            for p in e.get("particles", []):
+                key = (u["index"], u["seed"], p["id"])
+                acc = per_particle.setdefault(key, dict(iterations=0, time_s=0.0))
+                acc["iterations"] += p["iterations"]
+                acc["time_s"] += p["time_s"]
+    reasons: dict = {}
+    for r in rows:
+        reasons[r["stop_reason"]] = reasons.get(r["stop_reason"], 0) + 1
+    iters = [r["iterations"] for r in rows]
+    totals = list(per_particle.values())
+    return dict(
+        iterations_per_event=iters,
+        iterations_per_event_mean=statistics.fmean(iters),
+        iterations_per_particle_mean=statistics.fmean(t["iterations"] for t in totals),
+        time_per_particle_mean_s=statistics.fmean(t["time_s"] for t in totals),
+        stop_reasons=reasons,
+        decoder_forward_backward=sum(r.get("decoder_forward_backward", 0) for r in rows),
+        loss_before_mean=statistics.fmean(r["loss_before"] for r in rows),
+        loss_after_mean=statistics.fmean(r["loss_after"] for r in rows),
+    )

@@ -139,7 +139,8 @@ def modes_table(runs: list[dict]) -> str:
 
 def cost_table(runs: list[dict]) -> str:
     head = ["run", "explore s", "prune s", "refine s", "optimize s", "pre-prune MB", "post-prune MB",
-            "optimization MB", "particle-steps saved", "denoiser evals", "decoder fwd+bwd"]
+            "optimization MB", "particle-steps saved", "denoiser evals", "decoder fwd+bwd",
+            "opt. iters / particle", "opt. s / particle"]
     rows = []
     for r in runs:
         ph = r.get("timing", {}).get("per_phase_mean_s", {})
@@ -151,7 +152,9 @@ def cost_table(runs: list[dict]) -> str:
                                                          "optimization_peak_mb")]
                     + [_fmt(_mean(ps))]
                     + [_fmt(comp.get("denoiser", {}).get("particle_evals"), None, 0),
-                       _fmt(comp.get("decoder", {}).get("particle_evals_with_backward"), None, 0)])
+                       _fmt(comp.get("decoder", {}).get("particle_evals_with_backward"), None, 0),
+                       _fmt((r.get("optimization") or {}).get("iterations_per_particle_mean"), None, 1),
+                       _fmt((r.get("optimization") or {}).get("time_per_particle_mean_s"), None, 2)])
     return _table(head, rows)
 
 

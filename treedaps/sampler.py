@@ -143,12 +143,6 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
             particles.state["velocity"] = result.velocity
         z0y = result.z0y
 
-        # 3. Refine: hard data consistency by latent optimisation.
-        if step in plan.optimize_steps and hooks.optimize is not None:
-            emit("optimize_start", dict(step=step, particles=particles))
-            z0y, record = hooks.optimize(particles, z0hat, z0y, step)
-            emit("optimize_end", dict(step=step, particles=particles, record=record))
-
         # A particle that stopped being finite is retired; the others go on.
         diverged = result.diverged | ~torch.isfinite(z0hat).flatten(1).all(1)
         if bool(diverged.any()):
@@ -161,6 +155,14 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
             keep = [p for p in range(len(particles)) if p not in bad]
             particles, z0hat, z0y = (particles.select(keep), z0hat[keep], z0y[keep])
             result = MCMCResult(result.z0y[keep], result.loss[keep], result.diverged[keep], None)
+            if not len(particles):
+                break
+
+        # 3. Refine: hard data consistency by latent optimisation.
+        if step in plan.optimize_steps and hooks.optimize is not None:
+            emit("optimize_start", dict(step=step, particles=particles))
+            z0y, record = hooks.optimize(particles, z0hat, z0y, step)
+            emit("optimize_end", dict(step=step, particles=particles, record=record))
 
         # 4. Forward diffusion to the next noise level (the last step keeps z0y).
         particles.state["z0y"] = z0y  # the clean estimate the pruning at the next step judges

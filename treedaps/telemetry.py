@@ -63,6 +63,8 @@ class Telemetry:
         self.counters = {name: ModuleCounter(m) for name, m in modules.items()}
         self._t0 = self._mark = 0.0
         self._current: dict = {}
+        self._opt_snapshot: dict = {}
+        self.optimization_counts = {"calls": 0, "particle_evals": 0, "particle_evals_with_backward": 0}
 
     # -- clocks and memory -------------------------------------------------------------------------
     def _clock(self) -> float:
@@ -104,12 +106,21 @@ class Telemetry:
         self.events.append(dict(event="prune", step=info["step"], record=info["record"]))
 
     def _on_optimize_start(self, info: dict) -> None:
+        dec = self.counters.get("decoder")
+        if dec is not None:
+            self._opt_snapshot = dict(calls=dec.calls, particle_evals=dec.items,
+                                      particle_evals_with_backward=dec.items_with_grad)
         self._mark = self._clock()
         self._current["pre_optimize_peak_mb"] = self._peak()
         self.device.reset_peak()
 
     def _on_optimize_end(self, info: dict) -> None:
         self._current["optimize_s"] = self._clock() - self._mark
+        dec = self.counters.get("decoder")
+        if dec is not None and self._opt_snapshot:
+            now = dict(calls=dec.calls, particle_evals=dec.items, particle_evals_with_backward=dec.items_with_grad)
+            for k in now:
+                self.optimization_counts[k] += now[k] - self._opt_snapshot[k]
         self._current["optimize_peak_mb"] = self._peak()
         self.events.append(dict(event="optimize", step=info["step"], record=info["record"]))
 
@@ -127,12 +138,14 @@ class Telemetry:
     def _per_measurement(self, info: dict) -> None:
         particles, z0y, z0hat = info["particles"], info["z0y"], info["z0hat"]
         with self._own_work():
-            loss = labels = None
+            loss = loss_hat = labels = None
             if self.diagnostics and len(particles):
                 loss = self.operator.loss(self.model.decode(z0y), particles.y).tolist()
+                x0hat = self.model.decode(z0hat)
+                loss_hat = self.operator.loss(x0hat, particles.y).tolist()
                 if self.gt is not None:
                     gt = self.gt.to(z0hat.device)[particles.measurement]
-                    labels = label_modes(gt, self.model.decode(z0hat), self.thresholds)
+                    labels = label_modes(gt, x0hat, self.thresholds)
             for m, positions in particles.groups().items():
                 flat = z0y[positions].flatten(1).double()
                 dist = torch.cdist(flat, flat)
@@ -144,6 +157,7 @@ class Telemetry:
                     rec["pairwise_z0y"] = dist.tolist()
                 if loss is not None:
                     rec["loss_z0y"] = [loss[p] for p in positions]
+                    rec["loss_z0hat"] = [loss_hat[p] for p in positions]
                 if labels is not None:
                     rec["mode_z0hat"] = [labels[p]["mode"] for p in positions]
                     rec["psnr_z0hat"] = [labels[p]["psnr_0"] for p in positions]
@@ -155,6 +169,8 @@ class Telemetry:
         for name, c in self.counters.items():
             out[name] = dict(calls=c.calls, particle_evals=c.items,
                              particle_evals_with_backward=c.items_with_grad)
+        if "decoder" in out:
+            out["decoder_in_optimization"] = dict(self.optimization_counts)
         return out
 
     def close(self) -> None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, Settings
 from ..device import Device
 from ..models.base import LatentModel
 from ..sampler import SearchHooks
+from .consistency import OptimizationConfig, make_optimize_hook, optimization_steps
 from .pruning import PruningConfig, make_prune_hook
 from .repulsion import make_repulsion
 
@@ -50,5 +51,13 @@ def build_search(cfg: DictConfig, model: LatentModel, settings: Settings, device
         search.hooks.prune = make_prune_hook(model, settings.operator, PruningConfig(
             int(p.num_keep), float(p.loss_factor), bool(p.replace_hopeless), int(p.image_size)), device)
     if float(cfg.optimization_step) != -1:
-        raise ConfigError(f"optimization_step={cfg.optimization_step} is not implemented yet")
+        block = cfg.get("optimization")
+        try:
+            opt_cfg = OptimizationConfig.from_mapping(
+                OmegaConf.to_container(block, resolve=True) if block is not None else {})
+        except ValueError as err:
+            raise ConfigError(f"optimization: {err}") from None
+        search.hooks.optimize = make_optimize_hook(model, settings.operator, opt_cfg, device,
+                                                   num_steps=settings.annealing.num_steps)
+        search.optimize_steps = lambda first, n: optimization_steps(opt_cfg, first, n)
     return search
