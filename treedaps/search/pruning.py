@@ -91,17 +91,17 @@ def select(losses: list[float], plain: list[list[float]], twin: list[list[float]
     decisions = []
     for i in range(n):
         if i in kept:
-            decisions.append(dict(position=i, action="keep", reason=reason[i]))
+            decisions.append(dict(position=i, id=ids[i], action="keep", reason=reason[i]))
         elif not acceptable[i]:
-            decisions.append(dict(position=i, action="drop",
+            decisions.append(dict(position=i, id=ids[i], action="drop",
                                   reason=f"hopeless: loss {losses[i]:.4g} > {cfg.loss_factor:g} x best {best:.4g}"))
         else:
             closest = min(kept, key=lambda k: plain[i][k]) if kept else None
-            decisions.append(dict(position=i, action="drop",
+            decisions.append(dict(position=i, id=ids[i], action="drop",
                                   reason=f"same mode as kept #{ids[closest]} with lower loss" if closest is not None
                                   else "not needed"))
     for parent in copies:
-        decisions.append(dict(position=parent, action="copy",
+        decisions.append(dict(position=parent, id=ids[parent], action="copy",
                               reason=f"replaces a hopeless particle: copy of #{ids[parent]}"))
     return kept, copies, decisions
 
@@ -133,7 +133,7 @@ def make_prune_hook(model: LatentModel, operator: PhaseRetrieval, cfg: PruningCo
                 next_id += 1
             keep_positions += [positions[k] for k in kept]
             for d in decisions:
-                d["id"] = ids[d.pop("position")]
+                del d["position"]
             for i, p in enumerate(positions):
                 if i not in kept:
                     reason = next(d["reason"] for d in decisions if d["id"] == ids[i] and d["action"] == "drop")
