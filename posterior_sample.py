@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 CONFIG_GROUPS = ("data", "model", "task", "sampler", "experiment")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 
 def _daps_style(argv: list[str]) -> list[str]:
@@ -41,6 +43,25 @@ def main(cfg: DictConfig) -> None:
         print(f"results: {experiment.run_dir.root}")
 
 
+def _precheck(argv: list[str]) -> None:
+    """Compose the config once before Hydra runs, so that an override Hydra itself rejects (an
+    unknown group option, a key without '+') ends with one ``error:`` line and exit code 2 too.
+    Hydra's own flags (``--help``, ``--cfg``, ``-m``...) are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+    from hydra.errors import HydraException  # noqa: PLC0415
+    from omegaconf.errors import OmegaConfBaseException  # noqa: PLC0415
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            compose(config_name="default", overrides=argv)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], *_daps_style(sys.argv[1:])]
+    _precheck(sys.argv[1:])
     main()

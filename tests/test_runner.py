@@ -233,9 +233,6 @@ def test_wrong_image_size(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with data=demo, data.resolution is not checked against the "
-                                       "images (always 32x32); a mismatching value is silently accepted "
-                                       "and only changes the operator padding (pad 16 instead of 8)")
 def test_demo_resolution_mismatch_is_an_error(tmp_path):
     cfg = make_cfg(tmp_path / "out", "data.resolution=64", "data.end_id=1")
     with pytest.raises(ValueError, match="resolution"):
@@ -244,10 +241,9 @@ def test_demo_resolution_mismatch_is_an_error(tmp_path):
 
 
 def test_demo_data_with_missing_ldm_checkpoint(tmp_path):
-    # the model is built before the demo data (which needs its images): a missing checkpoint is
-    # what gets reported first
+    # demo data needs the toy prior: said before the checkpoint is even looked for
     cfg = make_cfg(tmp_path / "out", "model=ffhq256ldm", "model.diffusion_path=/nonexistent/model.ckpt")
-    with pytest.raises(FileNotFoundError, match="LDM checkpoint not found"):
+    with pytest.raises(ValueError, match="data=demo .*needs model=toy"):
         Experiment(cfg)
     assert not (tmp_path / "out").exists()
 
@@ -302,18 +298,12 @@ def test_cli_bad_override_exit_2_one_line(tmp_path):
     assert not (tmp_path / "x" / "config.yaml").exists() and not (tmp_path / "x" / "units").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Hydra creates hydra.run.dir (save_dir/name) and writes "
-                                       "posterior_sample.log there before main() validates, so a rejected "
-                                       "run still leaves a folder with a log file")
 def test_cli_error_writes_nothing(tmp_path):
     res = _cli(f"save_dir={tmp_path}", "name=x", "num_samples=0", *FAST)
     assert res.returncode == 2
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: overrides Hydra itself rejects (unknown config group option, "
-                                       "unknown key without '+') exit with Hydra's code 1 and a multi-line "
-                                       "message, not the documented exit code 2 with one 'error:' line")
 def test_cli_hydra_level_error_exit_2_one_line(tmp_path):
     res = _cli(f"save_dir={tmp_path}", "name=x", "data=doesnotexist", *FAST)
     assert res.returncode == 2

@@ -76,6 +76,9 @@ class Settings:
 def validate(cfg: DictConfig) -> Settings:
     """Check every key the run uses; one-line ``ConfigError`` on the first problem."""
     check_keys(cfg)
+    if cfg.data.get("name") == "demo" and cfg.model.get("name") != "toy":
+        _fail(f"data=demo holds the embedded prior's own images: it needs model=toy, not "
+              f"model.name={cfg.model.get('name')!r}")
     if int(cfg.num_runs) != 1:
         _fail(f"num_runs={cfg.num_runs}: DAPS's repeated independent runs are particles here; "
               f"use num_samples={cfg.num_runs} (particles per measurement) with num_runs=1")

@@ -152,6 +152,10 @@ def build_dataset(cfg, model=None) -> Dataset:
     if cfg.name == "demo":
         if model is None or not hasattr(model, "num_base"):
             raise ValueError("data=demo holds the embedded prior's own images: it needs model=toy")
+        size = model.image_shape[-1]
+        if int(cfg.resolution) != size:
+            raise ValueError(f"data=demo images are {size} x {size}: data.resolution={cfg.resolution} "
+                             f"must be {size} (it also sets the operator's padding)")
         return DemoDataset(model.images, model.num_base, int(cfg.start_id),
                            None if cfg.end_id is None else int(cfg.end_id))
     if cfg.name == "image":

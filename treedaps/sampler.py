@@ -112,7 +112,10 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
            annealing: AnnealingConfig, ode: ODEConfig, mcmc: MCMCConfig, plan: PhasePlan,
            device: Device, hooks: SearchHooks | None = None,
            callback: Callback | None = None) -> SampleOutput:
-    """Run the whole annealing schedule on a batch of particles (one or more measurements)."""
+    """Run the whole annealing schedule on a batch of particles (one or more measurements).
+
+    ``particles`` is advanced in place (its ``z`` and ``state``); the survivors are returned.
+    """
     hooks = hooks or SearchHooks()
     emit = callback or (lambda event, info: None)
     sigmas = annealing_sigmas(annealing.num_steps, annealing.sigma_max, annealing.sigma_min, annealing.rho)
