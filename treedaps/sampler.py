@@ -168,7 +168,8 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
             emit("optimize_end", dict(step=step, particles=particles, record=record))
 
         # 4. Forward diffusion to the next noise level (the last step keeps z0y).
-        particles.state["z0y"] = z0y  # the clean estimate the pruning at the next step judges
+        particles.state["z0y"] = z0y      # the estimates the pruning at the next step judges
+        particles.state["z0hat"] = z0hat
         particles.z = z0y + sigma_next * particles.randn_like_z(device) if sigma_next > 0 else z0y
         device.step_boundary()
         emit("step_end", dict(step=step, sigma=float(sigma), phase=plan.phase(step),

@@ -48,8 +48,12 @@ def build_search(cfg: DictConfig, model: LatentModel, settings: Settings, device
         p = cfg.pruning
         if float(p.loss_factor) < 1:
             raise ConfigError(f"pruning.loss_factor must be >= 1, got {p.loss_factor}")
-        search.hooks.prune = make_prune_hook(model, settings.operator, PruningConfig(
-            int(p.num_keep), float(p.loss_factor), bool(p.replace_hopeless), int(p.image_size)), device)
+        try:
+            pcfg = PruningConfig(int(p.num_keep), float(p.loss_factor), bool(p.replace_hopeless),
+                                 int(p.image_size), str(p.criterion))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        search.hooks.prune = make_prune_hook(model, settings.operator, pcfg, device)
     if float(cfg.optimization_step) != -1:
         block = cfg.get("optimization")
         try:
