@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from treedaps.report import full_report, load
-from treedaps.runner import Experiment
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from treedaps.report import full_report, load  # noqa: E402
+from treedaps.runner import Experiment  # noqa: E402
 EXPERIMENTS = ("exp0", "exp1", "exp2", "exp3", "exp4")
 
 

@@ -1,5 +1,5 @@
 """The embedded demo prior: exact Gaussian-mixture Tweedie denoiser (against brute-force float64),
-closure under 180-degree rotation, the lossless latent map, and (slow) that LatentDAPS at
+closure under 180-degree rotation, the lossless latent map, and (~10 s) that LatentDAPS at
 repulsion 0 finds both twin modes with the default demo settings."""
 import time
 from pathlib import Path
@@ -149,9 +149,8 @@ def test_hookable_modules(model):
     assert seen == [3]
 
 
-# -- slow: both twin modes are found at repulsion 0 -----------------------------------------------------
+# -- both twin modes are found at repulsion 0 (~10 s) ---------------------------------------------------
 
-@pytest.mark.slow
 def test_both_modes_found_with_default_demo_settings(one_thread):
     """Default demo (50 annealing steps x 100 Langevin steps, 4 particles, seed 42, repulsion 0):
     across a few measurements, some particle ends in the 0-degree mode and some in the 180-degree
