@@ -176,6 +176,7 @@ def paired(a: dict, b: dict, success: str = "both_modes_covered") -> str:
         return f"no common measurements between {_name(a)} and {_name(b)}"
     table = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
     regret = 0
+    b_pruned = any(p["status"] == "pruned" for u in ub.values() for p in u["particles"])
     for key in common:
         table[(bool(ua[key]["coverage"][success]), bool(ub[key]["coverage"][success]))] += 1
         finals = [p for p in ua[key]["particles"] if p["status"] == "final" and p.get("psnr") is not None]
@@ -188,9 +189,10 @@ def paired(a: dict, b: dict, success: str = "both_modes_covered") -> str:
              "", f"| | {_name(b)} success | {_name(b)} failure |", "|---|---|---|",
              f"| {_name(a)} success | {table[(True, True)]} | {table[(True, False)]} |",
              f"| {_name(a)} failure | {table[(False, True)]} | {table[(False, False)]} |", "",
-             f"McNemar exact p = {p:.4g} (discordant: {table[(True, False)]} vs {table[(False, True)]})",
-             f"pruning regret (oracle-best particle of {_name(a)} pruned in {_name(b)}): "
-             f"{regret}/{len(common)} = {regret / len(common):.2f}"]
+             f"McNemar exact p = {p:.4g} (discordant: {table[(True, False)]} vs {table[(False, True)]})"]
+    if b_pruned:
+        lines.append(f"pruning regret (oracle-best particle of {_name(a)} pruned in {_name(b)}): "
+                     f"{regret}/{len(common)} = {regret / len(common):.2f}")
     return "\n".join(lines)
 
 
