@@ -108,6 +108,18 @@ class SampleOutput:
     loss: torch.Tensor              # (B,) final measurement loss of the survivors
 
 
+def retire_diverged(particles: Particles, z0y: torch.Tensor, diverged: torch.Tensor,
+                    step: int) -> tuple[list[int], list[Retired]]:
+    """Positions to keep, and a record of each diverged particle with its last finite latent."""
+    bad = set(diverged.nonzero().flatten().tolist())
+    gone = []
+    for pos in sorted(bad):
+        last = z0y[pos] if bool(torch.isfinite(z0y[pos]).all()) else particles.z[pos]
+        gone.append(Retired(particles.measurement[pos], *particles.key(pos), status="diverged", step=step,
+                            z=last.detach().cpu(), loss=None, reason="non-finite latent in PF-ODE or MCMC"))
+    return [p for p in range(len(particles)) if p not in bad], gone
+
+
 def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
            annealing: AnnealingConfig, ode: ODEConfig, mcmc: MCMCConfig, plan: PhasePlan,
            device: Device, hooks: SearchHooks | None = None,
@@ -148,16 +160,11 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
 
         # A particle that stopped being finite is retired; the others go on.
         diverged = result.diverged | ~torch.isfinite(z0hat).flatten(1).all(1)
+        mcmc_loss = result.loss
         if bool(diverged.any()):
-            bad = diverged.nonzero().flatten().tolist()
-            for pos in bad:
-                last = z0y[pos] if bool(torch.isfinite(z0y[pos]).all()) else particles.z[pos]
-                retired.append(Retired(particles.measurement[pos], *particles.key(pos), status="diverged",
-                                       step=step, z=last.detach().cpu(), loss=None,
-                                       reason="non-finite latent in PF-ODE or MCMC"))
-            keep = [p for p in range(len(particles)) if p not in bad]
-            particles, z0hat, z0y = (particles.select(keep), z0hat[keep], z0y[keep])
-            result = MCMCResult(result.z0y[keep], result.loss[keep], result.diverged[keep], None)
+            keep, gone = retire_diverged(particles, z0y, diverged, step)
+            retired += gone
+            particles, z0hat, z0y, mcmc_loss = particles.select(keep), z0hat[keep], z0y[keep], mcmc_loss[keep]
             if not len(particles):
                 break
 
@@ -173,7 +180,7 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
         particles.z = z0y + sigma_next * particles.randn_like_z(device) if sigma_next > 0 else z0y
         device.step_boundary()
         emit("step_end", dict(step=step, sigma=float(sigma), phase=plan.phase(step),
-                              particles=particles, z0hat=z0hat, z0y=z0y, mcmc_loss=result.loss))
+                              particles=particles, z0hat=z0hat, z0y=z0y, mcmc_loss=mcmc_loss))
 
     with torch.no_grad():
         loss = operator.loss(model.decode(particles.z), particles.y) if len(particles) else torch.zeros(0)
