@@ -29,14 +29,17 @@ run_experiment() {
   done
   if [[ ${#counts[@]} -eq 0 ]]; then echo "$usage" >&2; exit 2; fi
   [[ ${#datasets[@]} -eq 0 ]] && datasets=(imagenet)
+  local label_override=""
+  for arg in "${extra[@]}"; do [[ "$arg" == data=* ]] && label_override="${arg#data=}"; done
   for ds in "${datasets[@]}"; do
+    local label="${label_override:-$ds}"
     for n in "${counts[@]}"; do
       local data="data=test-$ds" model="model=${ds}256ldm"
       [[ "$ds" == ffhq ]] && model="model=ffhq256ldm"
       [[ "$ds" == imagenet ]] && model="model=imagenet256ldm"
       echo ">>> $exp $ds --$n" >&2
       (cd "$ROOT" && "$PYTHON" posterior_sample.py "$data" "$model" "${fixed[@]}" \
-        "data.start_id=0" "data.end_id=$n" "name=${exp}_${ds}_n$n" \
+        "data.start_id=0" "data.end_id=$n" "name=${exp}_${label}_n$n" \
         "save_dir=${TREEDAPS_SAVE_DIR:-results}" ${EXTRA_OVERRIDES:-} "${extra[@]}")
     done
   done
