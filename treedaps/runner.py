@@ -181,6 +181,7 @@ class Experiment:
                 events=[dict(event=e["event"], step=e["step"], **e["record"][m])
                         for e in telemetry.events if m in e["record"]],
                 vram=phase_memory(telemetry.steps, self.plan.plan),
+                peak_reserved_mb=telemetry.peak_reserved_mb,
                 compute={k: {kk: vv / n_batch for kk, vv in v.items()}
                          for k, v in telemetry.compute_counts().items()},
                 resolved=self.plan.resolved, notes=self.plan.notes,
@@ -205,10 +206,10 @@ class Experiment:
         hi = lo + len(self.dataset)
         units = [u for u in self.run_dir.load_units()
                  if lo <= u["index"] < hi and u["seed"] in self.settings.seeds]
-        peak = self.device.memory_mb()
+        reserved = [u.get("peak_reserved_mb") for u in units if u.get("peak_reserved_mb") is not None]
         metadata = dict(
             device=self.device.describe(),
-            gpu=dict(peak_vram_mb=_max_step_peak(units), peak_reserved_mb=peak and peak.get("reserved_mb"),
+            gpu=dict(peak_vram_mb=_max_step_peak(units), peak_reserved_mb=max(reserved) if reserved else None,
                      weights_mb=self.weights_mb),
             git_revision=git_revision(), config_hash=self.config_hash, name=str(self.cfg.name),
             num_units=len(units), num_samples=int(self.cfg.num_samples), world_size=self.rank.world,

@@ -64,6 +64,7 @@ class Telemetry:
         self._t0 = self._mark = 0.0
         self._current: dict = {}
         self._opt_snapshot: dict = {}
+        self.peak_reserved_mb: float | None = None
         self.optimization_counts = {"calls": 0, "particle_evals": 0, "particle_evals_with_backward": 0}
 
     # -- clocks and memory -------------------------------------------------------------------------
@@ -72,8 +73,13 @@ class Telemetry:
         return time.perf_counter()
 
     def _peak(self) -> float | None:
+        """Allocated peak since the last reset (the reserved peak is kept as a running maximum)."""
         mem = self.device.memory_mb()
-        return None if mem is None else mem["allocated_mb"]
+        if mem is None:
+            return None
+        if mem.get("reserved_mb") is not None:
+            self.peak_reserved_mb = max(self.peak_reserved_mb or 0.0, mem["reserved_mb"])
+        return mem["allocated_mb"]
 
     @contextmanager
     def _own_work(self):
