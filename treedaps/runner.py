@@ -64,6 +64,14 @@ class Experiment:
         self.search = build_search(cfg, self.model, self.settings, self.device)
         self.plan: ResolvedPlan = build_plan(cfg, self.model, self.settings.annealing,
                                              self.search.optimize_steps)
+        if self.rank.is_main:
+            for name, r in self.plan.resolved.items():
+                log.info("%s=%g -> annealing step %d of %d (sigma %.4g, t %.1f under sigma_mapping=%s; "
+                         "%.0f%% of the steps before it)", name, r["timestep"], r["step"],
+                         self.settings.annealing.num_steps, r["sigma"], r["step_timestep"],
+                         self.model.noise_levels.name, 100 * r["fraction_before"])
+            for note in self.plan.notes:
+                log.info("note: %s", note)
         self.run_dir = RunDir(Path(cfg.save_dir) / cfg.name)
         self.config_hash = self.run_dir.check_or_init(to_container(cfg), overrides or [],
                                                       write=self.rank.is_main)

@@ -26,30 +26,46 @@ manifold. w(t) decays to exactly 0 at the end of the explore phase (``treedaps.p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..particles import Particles
 
 
-def group_bandwidths(sq_dist: torch.Tensor, pair: torch.Tensor, groups: list[list[int]],
+@dataclass(frozen=True)
+class Groups:
+    """Which particles belong to the same measurement, as device tensors built once per annealing
+    step (so that nothing in the MCMC iterations copies from the host or waits for the device)."""
+
+    same: torch.Tensor                  # (B, B) bool: same measurement, i != j
+    index: list[torch.Tensor]           # batch positions of each measurement with >= 2 particles
+    triu: list[torch.Tensor]            # its upper-triangle pair indices (2, n (n - 1) / 2)
+
+    @classmethod
+    def build(cls, groups: list[list[int]], batch: int, device) -> "Groups":
+        member = torch.zeros(len(groups), batch, dtype=torch.bool)
+        for g, positions in enumerate(groups):
+            member[g, positions] = True
+        same = (member[:, :, None] & member[:, None, :]).any(0)
+        same.fill_diagonal_(False)
+        big = [p for p in groups if len(p) >= 2]
+        return cls(same.to(device), [torch.tensor(p, device=device) for p in big],
+                   [torch.triu_indices(len(p), len(p), offset=1, device=device) for p in big])
+
+
+def group_bandwidths(sq_dist: torch.Tensor, pair: torch.Tensor, groups: Groups,
                      bandwidth: str | float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row bandwidth h and median pairwise distance of that row's measurement, (B,) each.
 
-    ``groups`` lists the batch positions of each measurement (host side, so nothing here waits
-    for the device); ``pair[i, j]`` marks valid pairs (same measurement, both active, i != j).
-    A row without a valid pair gets h = inf (no force).
+    ``pair[i, j]`` marks valid pairs (same measurement, both active, i != j). A row without a
+    valid pair gets h = inf (no force).
     """
     b = sq_dist.shape[0]
     h = torch.full((b,), math.inf, dtype=sq_dist.dtype, device=sq_dist.device)
     d_med = torch.ones(b, dtype=sq_dist.dtype, device=sq_dist.device)
     masked = torch.where(pair, sq_dist, torch.full_like(sq_dist, math.nan))
-    for positions in groups:
-        n = len(positions)
-        if n < 2:
-            continue
-        idx = torch.tensor(positions, device=sq_dist.device)
-        iu = torch.triu_indices(n, n, offset=1, device=sq_dist.device)
+    for idx, iu in zip(groups.index, groups.triu):
         block = masked.index_select(0, idx).index_select(1, idx)
         med = block[iu[0], iu[1]].nanmedian().clamp_min(1e-12)     # nan if no valid pair
         n_active = pair.index_select(0, idx).any(1).sum().to(sq_dist.dtype)
@@ -60,19 +76,16 @@ def group_bandwidths(sq_dist: torch.Tensor, pair: torch.Tensor, groups: list[lis
     return h, d_med
 
 
-def repulsion_direction(z: torch.Tensor, groups: list[list[int]], active: torch.Tensor,
+def repulsion_direction(z: torch.Tensor, groups: Groups | list[list[int]], active: torch.Tensor,
                         bandwidth: str | float = "median") -> torch.Tensor:
     """R_i = sqrt(D) / d_med * sum_j k_ij (z_i - z_j) within each measurement (module docstring)."""
+    if not isinstance(groups, Groups):
+        groups = Groups.build(groups, z.shape[0], z.device)
     flat = z.flatten(1)
     dim = flat.shape[1]
     work = torch.where(active[:, None], flat.double(), torch.zeros((), dtype=torch.float64, device=z.device))
     sq = torch.cdist(work, work, compute_mode="donot_use_mm_for_euclid_dist") ** 2
-    member = torch.zeros(len(groups), z.shape[0], dtype=torch.bool, device=z.device)
-    for g, positions in enumerate(groups):
-        member[g, positions] = True
-    same = (member[:, :, None] & member[:, None, :]).any(0)
-    pair = same & active[:, None] & active[None, :]
-    pair.fill_diagonal_(False)
+    pair = groups.same & active[:, None] & active[None, :]
     h, d_med = group_bandwidths(sq, pair, groups, bandwidth)
     k = torch.where(pair, torch.exp(-sq / h[:, None]), torch.zeros_like(sq))
     force = k.sum(1, keepdim=True) * work - k @ work
@@ -84,7 +97,7 @@ def make_repulsion(tau: float, bandwidth: str | float = "median"):
     """``SearchHooks.repulsion``: (particles, scale, sigma) -> extra MCMC score (z0, diverged)."""
 
     def repulsion(particles: Particles, scale: float, sigma: torch.Tensor):
-        groups = list(particles.groups().values())
+        groups = Groups.build(list(particles.groups().values()), len(particles), particles.z.device)
 
         def extra_score(z0: torch.Tensor, diverged: torch.Tensor) -> torch.Tensor:
             active = ~diverged & torch.isfinite(z0).flatten(1).all(1)
