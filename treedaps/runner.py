@@ -145,68 +145,86 @@ class Experiment:
     # -- results -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _write_units(self, units, items, gt, y, out: SampleOutput, telemetry: Telemetry, elapsed: float):
-        cfg, s, model = self.cfg, self.settings, self.model
-        finals = model.decode(out.particles.z).float().cpu() if len(out.particles) else None
+        """One record + tensors + pictures per measurement of the batch (shared costs split evenly)."""
+        finals = self.model.decode(out.particles.z).float().cpu() if len(out.particles) else None
+        batch = dict(n=len(units), elapsed=elapsed, telemetry=telemetry)
         for m, ((pos, seed), item) in enumerate(zip(units, items)):
             unit = self._unit((pos, seed))
-            rows, images, latents = [], [], []
-            for p in range(len(out.particles)):
-                if out.particles.measurement[p] == m:
-                    rows.append(dict(id=out.particles.ids[p], parent=out.particles.parents[p],
-                                     status="final", left_at_step=None, loss=float(out.loss[p])))
-                    images.append(finals[p])
-                    latents.append(out.particles.z[p].cpu())
-            retired = [r for r in out.retired if r.measurement == m]
-            for r in retired:
-                row = dict(id=r.particle_id, parent=None, status=r.status, left_at_step=r.step,
-                           loss=r.loss, reason=r.reason)
-                if r.status == "diverged":
-                    images.append(model.decode(r.z[None].to(self.device.torch_device)).float().cpu()[0])
-                    latents.append(r.z)
-                rows.append(row)
+            rows, images, latents, retired = self._particles_of(m, out, finals)
             scored = [row for row in rows if row["status"] in ("final", "diverged")]
-            unavailable = {}
-            if images:
-                stack = torch.stack(images)
-                values = evaluate(gt[m:m + 1], stack, s.metrics, lpips=self.lpips)
-                for name in s.metrics:
-                    if values.get(name) is None:
-                        unavailable[name] = values.get(f"{name}_unavailable_reason", "unavailable")
-                        continue
-                    for row, v in zip(scored, values[name].tolist()):
-                        row[name] = v
-                for row, lab in zip(scored, label_modes(gt[m:m + 1].expand_as(stack), stack, s.thresholds)):
-                    row.update(lab)
-            finals_rows = [r for r in scored if r["status"] == "final"]
-            cov = coverage([r["mode"] for r in finals_rows], [r["psnr_0"] for r in finals_rows])
-            n_batch = len(units)
-            record = dict(
-                index=item["index"], name=item["name"], seed=seed, unit=unit,
-                particles=rows, coverage=cov, unavailable=unavailable,
-                time=dict(total_s=elapsed / n_batch, batch_size=n_batch,
-                          phases={k: v / n_batch for k, v in phase_times(telemetry.steps).items()}),
-                steps=telemetry.steps, trace=telemetry.measurements.get(m, []),
-                events=[dict(event=e["event"], step=e["step"], **e["record"][m])
-                        for e in telemetry.events if m in e["record"]],
-                vram=phase_memory(telemetry.steps, self.plan.plan),
-                peak_reserved_mb=telemetry.peak_reserved_mb,
-                compute={k: {kk: vv / n_batch for kk, vv in v.items()}
-                         for k, v in telemetry.compute_counts().items()},
-                resolved=self.plan.resolved, notes=self.plan.notes,
-                particle_steps=self.plan.particle_steps(int(cfg.num_samples), int(cfg.pruning.num_keep)),
-            )
+            unavailable = self._score(scored, images, gt[m:m + 1])
+            record = self._unit_record(m, item, seed, unit, rows, unavailable, batch)
             tensors = dict(ids=[r["id"] for r in scored], status=[r["status"] for r in scored],
                            images=torch.stack(images) if images else None,
                            latents=torch.stack(latents) if latents else None,
                            gt=gt[m].clone(), y=y[m].clone(),
                            pruned={r.particle_id: r.z for r in retired if r.status == "pruned"})
-            if cfg.save_samples and images:
-                for row, img in zip(scored, images):
-                    atomic_save_png(self.run_dir.root / "samples" / f"{unit}_p{row['id']}.png", img)
-            if cfg.save_grids and images:
-                grid = torch.stack([gt[m], measurement_picture(y[m], gt.shape[-2:]), *images])
-                atomic_save_png(self.run_dir.root / "grids" / f"{unit}.png", grid, nrow=len(grid))
+            self._save_pictures(unit, scored, images, gt[m], y[m])
             self.run_dir.write_unit(unit, record, tensors)
+
+    def _particles_of(self, m: int, out: SampleOutput, finals):
+        """Rows (final particles, then retired ones), images and latents of measurement m."""
+        rows, images, latents = [], [], []
+        for p in range(len(out.particles)):
+            if out.particles.measurement[p] == m:
+                rows.append(dict(id=out.particles.ids[p], parent=out.particles.parents[p],
+                                 status="final", left_at_step=None, loss=float(out.loss[p])))
+                images.append(finals[p])
+                latents.append(out.particles.z[p].cpu())
+        retired = [r for r in out.retired if r.measurement == m]
+        for r in retired:
+            rows.append(dict(id=r.particle_id, parent=None, status=r.status, left_at_step=r.step,
+                             loss=r.loss, reason=r.reason))
+            if r.status == "diverged":   # scored on its last finite latent, never best-of-N
+                images.append(self.model.decode(r.z[None].to(self.device.torch_device)).float().cpu()[0])
+                latents.append(r.z)
+        return rows, images, latents, retired
+
+    def _score(self, scored: list[dict], images: list[torch.Tensor], gt: torch.Tensor) -> dict:
+        """Metrics and mode labels into the rows; returns {metric: reason} for unavailable ones."""
+        unavailable: dict = {}
+        if not images:
+            return unavailable
+        stack = torch.stack(images)
+        values = evaluate(gt, stack, self.settings.metrics, lpips=self.lpips)
+        for name in self.settings.metrics:
+            if values.get(name) is None:
+                unavailable[name] = values.get(f"{name}_unavailable_reason", "unavailable")
+                continue
+            for row, v in zip(scored, values[name].tolist()):
+                row[name] = v
+        for row, lab in zip(scored, label_modes(gt.expand_as(stack), stack, self.settings.thresholds)):
+            row.update(lab)
+        return unavailable
+
+    def _unit_record(self, m: int, item: dict, seed: int, unit: str, rows: list[dict],
+                     unavailable: dict, batch: dict) -> dict:
+        telemetry, n = batch["telemetry"], batch["n"]
+        finals = [r for r in rows if r["status"] == "final"]
+        return dict(
+            index=item["index"], name=item["name"], seed=seed, unit=unit,
+            particles=rows, coverage=coverage([r["mode"] for r in finals], [r["psnr_0"] for r in finals]),
+            unavailable=unavailable,
+            time=dict(total_s=batch["elapsed"] / n, batch_size=n,
+                      phases={k: v / n for k, v in phase_times(telemetry.steps).items()}),
+            steps=telemetry.steps, trace=telemetry.measurements.get(m, []),
+            events=[dict(event=e["event"], step=e["step"], **e["record"][m])
+                    for e in telemetry.events if m in e["record"]],
+            vram=phase_memory(telemetry.steps, self.plan.plan),
+            peak_reserved_mb=telemetry.peak_reserved_mb,
+            compute={k: {kk: vv / n for kk, vv in v.items()} for k, v in telemetry.compute_counts().items()},
+            resolved=self.plan.resolved, notes=self.plan.notes,
+            particle_steps=self.plan.particle_steps(int(self.cfg.num_samples), int(self.cfg.pruning.num_keep)),
+        )
+
+    def _save_pictures(self, unit: str, scored: list[dict], images: list[torch.Tensor],
+                       gt: torch.Tensor, y: torch.Tensor) -> None:
+        if self.cfg.save_samples:
+            for row, img in zip(scored, images):
+                atomic_save_png(self.run_dir.root / "samples" / f"{unit}_p{row['id']}.png", img)
+        if self.cfg.save_grids and images:
+            grid = torch.stack([gt, measurement_picture(y, gt.shape[-2:]), *images])
+            atomic_save_png(self.run_dir.root / "grids" / f"{unit}.png", grid, nrow=len(grid))
 
     def merge(self) -> dict:
         # Only this config's range and seeds: an earlier, larger run in the folder is not mixed in.
