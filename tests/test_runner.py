@@ -3,6 +3,7 @@ metrics.json layout, resume / extend / config mismatch, clear errors before anyt
 and the real ``python posterior_sample.py`` in a subprocess."""
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,25 @@ def test_cli_hydra_level_error_exit_2_one_line(tmp_path):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+def test_end_to_end_with_the_tiny_ldm(tmp_path):
+    """The whole loop through a real CompVis LDM (the tiny fixture): real images resized to its
+    64 x 64, exp 4 (repulsion, 4 -> 2 pruning, latent optimisation), every output written."""
+    pytest.importorskip("diffusers")
+    if not (FIX / "tiny_ffhq_ldm.ckpt").is_file() or not (SHARED / "data" / "demo-ffhq").is_dir():
+        pytest.skip("tiny LDM fixture or demo images absent")
+    cfg = make_cfg(tmp_path / "out", "data=demo-ffhq", f"data.root={SHARED / 'data' / 'demo-ffhq'}",
+                   "data.resolution=64", "data.end_id=1", "experiment=exp4",
+                   "sampler.annealing_scheduler_config.num_steps=6", "optimization.max_iters=5")
+    tiny = OmegaConf.load(FIX / "tiny_ffhq_ldm.yaml")
+    tiny.diffusion_path = str(FIX / "tiny_ffhq_ldm.ckpt")
+    tiny.sigma_mapping = "daps"
+    with open_dict(cfg):
+        cfg.model = tiny
+    merged = Experiment(cfg).run()
+    unit = json.loads((tmp_path / "out" / "run" / "units" / "00000.json").read_text())
+    assert [p["status"] for p in unit["particles"]].count("final") == 2
+    assert [e["event"] for e in unit["events"]][0] == "prune" and "optimize" in [e["event"] for e in unit["events"]]
+    assert merged["compute"]["total"]["denoiser"]["particle_evals"] > 0
+    assert all(math.isfinite(v) for v in merged["psnr"]["sample"][0])
