@@ -228,7 +228,7 @@ class Experiment:
 
     def merge(self) -> dict:
         # Only this config's range and seeds: an earlier, larger run in the folder is not mixed in.
-        lo = self.dataset.start_id if hasattr(self.dataset, "start_id") else 0
+        lo = self.dataset.start_id
         hi = lo + len(self.dataset)
         units = [u for u in self.run_dir.load_units()
                  if lo <= u["index"] < hi and u["seed"] in self.settings.seeds]

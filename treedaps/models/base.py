@@ -30,15 +30,16 @@ class LatentModel(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def denoise(self, z: torch.Tensor, sigma) -> torch.Tensor:
+    def denoise(self, z: torch.Tensor, sigma, **conditioning) -> torch.Tensor:
         raise NotImplementedError
 
-    def score(self, z: torch.Tensor, sigma) -> torch.Tensor:
-        """grad_z log p(z; sigma) = (D(z, sigma) - z) / sigma^2."""
+    def score(self, z: torch.Tensor, sigma, **conditioning) -> torch.Tensor:
+        """grad_z log p(z; sigma) = (D(z, sigma) - z) / sigma^2 (``conditioning``, e.g. the
+        ImageNet model's ``class_labels``, goes to ``denoise``)."""
         sigma = torch.as_tensor(sigma, device=z.device, dtype=torch.float32)
         if sigma.ndim == 1:
             sigma = sigma.view(-1, *([1] * (z.ndim - 1)))
-        return (self.denoise(z, sigma) - z) / sigma ** 2
+        return (self.denoise(z, sigma, **conditioning) - z) / sigma ** 2
 
     def hookable_modules(self) -> dict[str, nn.Module]:
         """The modules whose forward calls are one decoder pass / one denoiser evaluation.

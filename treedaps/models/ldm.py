@@ -358,11 +358,6 @@ class CompVisLDM(LatentModel):
         f = self._run_unet(c_in * z, c_noise.flatten(), class_labels)
         return z + (-sigma) * f
 
-    def score(self, z: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=z.device, dtype=torch.float32)
-        if sigma.ndim == 1:
-            sigma = sigma.view(-1, *([1] * (z.ndim - 1)))
-        return (self.denoise(z, sigma, class_labels) - z) / sigma ** 2
 
 
 # ----------------------------------------------------------------------------- loading
