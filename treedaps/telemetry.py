@@ -39,7 +39,10 @@ class ModuleCounter:
         self.items += batch
         self.batch_sizes.append(batch)
         if torch.is_grad_enabled() and args[0].requires_grad:
-            self.items_with_grad += 1 * batch
+            self.items_with_grad += batch
+
+    def snapshot(self) -> dict:
+        return dict(calls=self.calls, particle_evals=self.items, particle_evals_with_backward=self.items_with_grad)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -114,8 +117,7 @@ class Telemetry:
     def _on_optimize_start(self, info: dict) -> None:
         dec = self.counters.get("decoder")
         if dec is not None:
-            self._opt_snapshot = dict(calls=dec.calls, particle_evals=dec.items,
-                                      particle_evals_with_backward=dec.items_with_grad)
+            self._opt_snapshot = dec.snapshot()
         self._mark = self._clock()
         self._current["pre_optimize_peak_mb"] = self._peak()
         self.device.reset_peak()
@@ -124,7 +126,7 @@ class Telemetry:
         self._current["optimize_s"] = self._clock() - self._mark
         dec = self.counters.get("decoder")
         if dec is not None and self._opt_snapshot:
-            now = dict(calls=dec.calls, particle_evals=dec.items, particle_evals_with_backward=dec.items_with_grad)
+            now = dec.snapshot()
             for k in now:
                 self.optimization_counts[k] += now[k] - self._opt_snapshot[k]
         self._current["optimize_peak_mb"] = self._peak()
@@ -171,10 +173,7 @@ class Telemetry:
 
     # -- summaries -----------------------------------------------------------------------------------
     def compute_counts(self) -> dict:
-        out = {}
-        for name, c in self.counters.items():
-            out[name] = dict(calls=c.calls, particle_evals=c.items,
-                             particle_evals_with_backward=c.items_with_grad)
+        out = {name: c.snapshot() for name, c in self.counters.items()}
         if "decoder" in out:
             out["decoder_in_optimization"] = dict(self.optimization_counts)
         return out
