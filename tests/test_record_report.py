@@ -25,6 +25,10 @@ def test_phase_memory_segments():
     m = phase_memory(steps(peaks), PhasePlan(6, 3, prune_step=3, optimize_steps=frozenset({3, 5})))
     assert m["post_pruning_pre_optimization_peak_mb"] is None   # they start at the same step
     assert phase_memory(steps([None] * 6), PhasePlan(6, 3, prune_step=3))["pre_pruning_peak_mb"] is None
+    judged = steps(peaks)
+    judged[3]["prune_peak_mb"] = 15      # the pruning itself, measured before the counter reset
+    m = phase_memory(judged, PhasePlan(6, 3, prune_step=3))
+    assert m["pre_pruning_peak_mb"] == 15 and m["post_pruning_peak_mb"] == 9
 
 
 def test_phase_times_split_the_search_work_out():

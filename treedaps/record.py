@@ -22,9 +22,13 @@ def _max(values) -> float | None:
     return max(values) if values else None
 
 
-def phase_memory(steps: list[dict], plan: PhasePlan, prune_peak: float | None = None) -> dict:
-    """Peak allocated memory per phase segment from per-step peaks (None where not applicable)."""
+def phase_memory(steps: list[dict], plan: PhasePlan) -> dict:
+    """Peak allocated memory per phase segment from per-step peaks (None where not applicable).
+
+    The pruning's own work (judging 4 particles) is measured separately (``prune_peak_mb``, the
+    counter is reset after it) and belongs to the pre-pruning segment."""
     peaks = {s["step"]: s.get("peak_mb") for s in steps}
+    prune_peak = _max(s.get("prune_peak_mb") for s in steps)
     n = plan.num_steps
     out = dict.fromkeys(VRAM_KEYS)
     first_opt = min(plan.optimize_steps) if plan.optimize_steps else None

@@ -104,7 +104,7 @@ class Telemetry:
         self.device.reset_peak()
         self._current = dict(step=info["step"], sigma=info["sigma"], phase=info["phase"],
                              particles_in=len(info["particles"]), prune_s=0.0, optimize_s=0.0,
-                             peak_mb=None, optimize_peak_mb=None)
+                             peak_mb=None, prune_peak_mb=None, optimize_peak_mb=None)
         self._t0 = self._mark = self._clock()
 
     def _on_prune_start(self, info: dict) -> None:
@@ -112,6 +112,8 @@ class Telemetry:
 
     def _on_prune_end(self, info: dict) -> None:
         self._current["prune_s"] = self._clock() - self._mark
+        self._current["prune_peak_mb"] = self._peak()   # the pruning's own work: pre-pruning memory
+        self.device.reset_peak()
         self.events.append(dict(event="prune", step=info["step"], record=info["record"]))
 
     def _on_optimize_start(self, info: dict) -> None:
