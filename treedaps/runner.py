@@ -22,7 +22,6 @@ from .data import build_dataset
 from .device import Device, select_device
 from .metrics import Lpips, default_lpips, evaluate
 from .models import build_model
-from .models.base import LatentModel
 from .modes import coverage, label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
