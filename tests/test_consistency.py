@@ -116,7 +116,7 @@ def test_planted_stops_hold_for_other_seeds():
 
 
 def test_toy_phase_retrieval_batch_equals_single_runs(toy):
-    cfg = OptimizationConfig.from_preset("default", max_iters=120)
+    cfg = OptimizationConfig.from_preset("cost_aware", max_iters=120)
     results, worst = batch_vs_single(toy["starts"], toy["y"], toy["model"].decode, toy["op"], cfg,
                                      caps=[120, 120, 60], cap_reasons=["max_iters", "max_iters", "budget"])
     assert results[0].stop_reason == "noise" and results[0].iterations < 40
@@ -155,7 +155,7 @@ def test_decoder_sees_the_batch_shrink(toy):
     sizes: list[int] = []
     handle = model.decoder.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
     try:
-        cfg = OptimizationConfig.from_preset("default", max_iters=80)
+        cfg = OptimizationConfig.from_preset("cost_aware", max_iters=80)
         _, results, totals = optimize_latents(toy["starts"], toy["y"], model.decode, toy["op"], cfg, CPU,
                                               caps=[80, 40, 80])
     finally:
@@ -182,13 +182,13 @@ def test_noise_aware_stop_fires_at_the_noise_level(toy):
     assert torch.allclose(truth_mse, torch.full_like(truth_mse, s2), rtol=0.06)
     assert op.noise_energy(model.image_shape) / y[0].numel() == pytest.approx(s2)
     start = toy["starts"][1:2]
-    cfg = OptimizationConfig.from_preset("default")
+    cfg = OptimizationConfig.from_preset("cost_aware")
     _, res, _ = optimize_latents(start, y[1:2], model.decode, op, cfg, CPU)
     r = res[0]
     assert r.stop_reason == "noise" and r.loss_before > 4 * s2
     assert 0.9 * s2 < r.loss_after <= s2
     _, res2, _ = optimize_latents(start, y[1:2], model.decode, op,
-                                  OptimizationConfig.from_preset("default", noise_factor=2.0), CPU)
+                                  OptimizationConfig.from_preset("cost_aware", noise_factor=2.0), CPU)
     assert res2[0].stop_reason == "noise" and 1.8 * s2 < res2[0].loss_after <= 2 * s2
     assert res2[0].iterations < r.iterations
     # ReSample's rule (no noise-aware stop) goes on fitting the noise below sigma_y^2
@@ -234,25 +234,26 @@ def test_weight_decay_is_decoupled_and_can_be_switched_off(toy):
 # -- schedule, presets, budget ----------------------------------------------------------------------
 def test_optimization_steps_per_preset():
     get = OptimizationConfig.from_preset
-    assert optimization_steps(get("default"), 32, 50) == [32, 40, 49]
+    assert optimization_steps(get("cost_aware"), 32, 50) == [32, 40, 49]
     assert optimization_steps(get("weak"), 32, 50) == [32, 40, 49]
     assert optimization_steps(get("dense"), 32, 50) == list(range(32, 50))
     assert len(optimization_steps(get("resample"), 32, 50)) == 18
-    assert optimization_steps(get("default", schedule="final"), 32, 50) == [49]
-    assert optimization_steps(get("default"), 49, 50) == [49]
-    assert optimization_steps(get("default"), 48, 50) == [48, 49]
+    assert optimization_steps(get("cost_aware", schedule="final"), 32, 50) == [49]
+    assert optimization_steps(get("cost_aware"), 49, 50) == [49]
+    assert optimization_steps(get("cost_aware"), 48, 50) == [48, 49]
     with pytest.raises(ValueError):
-        optimization_steps(get("default"), 50, 50)
+        optimization_steps(get("cost_aware"), 50, 50)
     costs = {k: max_passes_per_particle(get(k), 32, 50)["iterations"] for k in PRESETS}
-    assert costs == {"default": 600, "dense": 9000, "weak": 300, "resample": 9000}
+    assert costs == {"cost_aware": 600, "dense": 9000, "weak": 300, "resample": 9000}
     assert get("weak").lr == 1e-3 and get("weak").max_iters == 100
     assert get("resample").start == "z0hat" and not get("resample").noise_aware
-    assert OptimizationConfig() == get("default")
+    assert OptimizationConfig() == get("resample") == get()     # the default is ReSample's rules
 
 
 def test_config_errors():
+    get_preset = OptimizationConfig.from_preset
     with pytest.raises(ValueError, match="unknown optimization key"):
-        OptimizationConfig.from_mapping({"preset": "default", "learning_rate": 1.0})
+        OptimizationConfig.from_mapping({"preset": "cost_aware", "learning_rate": 1.0})
     with pytest.raises(ValueError, match="preset"):
         OptimizationConfig.from_mapping({"preset": "strong"})
     with pytest.raises(ValueError, match="schedule"):
@@ -260,8 +261,9 @@ def test_config_errors():
     cfg = OptimizationConfig.from_mapping({"preset": "dense", "lr": 1e-3, "schedule": "cost-aware"})
     assert cfg.lr == 1e-3 and cfg.schedule == "cost_aware" and cfg.budget is None
     # the yaml block lists every key as null (= the preset's value); budget 0 = unlimited
-    block = {"preset": "default", **{k: None for k in PRESETS["default"]}}
-    assert OptimizationConfig.from_mapping(block) == OptimizationConfig()
+    block = {"preset": "cost_aware", **{k: None for k in PRESETS["cost_aware"]}}
+    assert OptimizationConfig.from_mapping(block) == get_preset("cost_aware")
+    assert OptimizationConfig.from_mapping({}) == OptimizationConfig()      # no preset: resample
     assert OptimizationConfig.from_mapping({**block, "budget": 0}).budget is None
 
 
@@ -274,7 +276,7 @@ def _particles(toy, per_measurement: int = 2) -> Particles:
 @pytest.mark.parametrize("reserve", [20, 0])
 def test_hook_respects_the_budget(toy, reserve):
     model, op = toy["model"], toy["op"]
-    cfg = OptimizationConfig.from_preset("default", noise_aware=False, max_iters=60, budget=100,
+    cfg = OptimizationConfig.from_preset("cost_aware", noise_aware=False, max_iters=60, budget=100,
                                          final_reserve=reserve)
     num_steps = 10
     steps = optimization_steps(cfg, 4, num_steps)
@@ -310,7 +312,7 @@ def test_hook_respects_the_budget(toy, reserve):
 
 
 def test_event_cap_rules():
-    cfg = OptimizationConfig.from_preset("default")           # budget 600, reserve 100, max 500
+    cfg = OptimizationConfig.from_preset("cost_aware")           # budget 600, reserve 100, max 500
     assert event_cap(cfg, 0, final=False) == (500, "max_iters")
     assert event_cap(cfg, 500, final=False) == (0, "budget")
     assert event_cap(cfg, 500, final=True) == (100, "budget")
@@ -323,7 +325,7 @@ def test_hook_start_choice_and_timing(toy):
     particles = _particles(toy, 1)
     z0hat = model.encode(toy["x"][:2])
     z0y = torch.zeros_like(z0hat)
-    cfg = OptimizationConfig.from_preset("default", max_iters=5, noise_aware=False)
+    cfg = OptimizationConfig.from_preset("cost_aware", max_iters=5, noise_aware=False)
     t = time.perf_counter()
     _, rec_hat = make_optimize_hook(model, op, OptimizationConfig.from_preset(
         "resample", max_iters=5), CPU, 50)(particles, z0hat, z0y, 49)
