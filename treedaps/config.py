@@ -29,7 +29,7 @@ SCHEMA: dict[str, set | None] = {
     "modes": {"min_psnr", "margin"},
     "telemetry": {"diagnostics", "pairwise_matrices"},
     "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
-    "pruning": {"num_keep", "loss_factor", "replace_hopeless", "image_size", "criterion"},
+    "pruning": {"num_keep", "loss_factor", "replace_hopeless", "image_size", "criterion", "dry_run"},
     "optimization": {"preset", "lr", "max_iters", "eps", "plateau_window", "weight_decay", "noise_aware",
                      "noise_factor", "start", "schedule", "budget", "final_reserve"},
 }

@@ -39,7 +39,7 @@ class ResolvedPlan:
         """Particle-steps with and without pruning (the saving the report shows)."""
         n = self.plan.num_steps
         full = num_samples * n
-        if self.plan.prune_step is None:
+        if self.plan.prune_step is None or self.plan.prune_dry_run:
             return dict(full=full, with_pruning=full, saved_fraction=0.0)
         k = self.plan.prune_step
         pruned = num_samples * k + num_keep * (n - k)
@@ -63,6 +63,7 @@ def build_plan(cfg: DictConfig, model: LatentModel, annealing: AnnealingConfig,
     plan.branch_step = resolve("branch_timestep", cfg.branch_timestep).step
     if float(cfg.pruning_step) != -1:
         plan.prune_step = resolve("pruning_step", cfg.pruning_step).step
+        plan.prune_dry_run = bool(cfg.get("pruning", {}).get("dry_run", False))
     first_opt = None
     if float(cfg.optimization_step) != -1:
         first_opt = resolve("optimization_step", cfg.optimization_step).step

@@ -32,14 +32,15 @@ def phase_memory(steps: list[dict], plan: PhasePlan) -> dict:
     n = plan.num_steps
     out = dict.fromkeys(VRAM_KEYS)
     first_opt = min(plan.optimize_steps) if plan.optimize_steps else None
-    if plan.prune_step is not None:
-        out["pre_pruning_peak_mb"] = _max([peaks.get(k) for k in range(plan.prune_step)] + [prune_peak])
-        out["post_pruning_peak_mb"] = _max(peaks.get(k) for k in range(plan.prune_step, n))
+    prune_step = None if plan.prune_dry_run else plan.prune_step
+    if prune_step is not None:
+        out["pre_pruning_peak_mb"] = _max([peaks.get(k) for k in range(prune_step)] + [prune_peak])
+        out["post_pruning_peak_mb"] = _max(peaks.get(k) for k in range(prune_step, n))
     if first_opt is not None:
         out["pre_optimization_peak_mb"] = _max(peaks.get(k) for k in range(first_opt))
         out["optimization_peak_mb"] = _max(peaks.get(k) for k in range(first_opt, n))
-    if plan.prune_step is not None and first_opt is not None and plan.prune_step < first_opt:
-        out["post_pruning_pre_optimization_peak_mb"] = _max(peaks.get(k) for k in range(plan.prune_step, first_opt))
+    if prune_step is not None and first_opt is not None and prune_step < first_opt:
+        out["post_pruning_pre_optimization_peak_mb"] = _max(peaks.get(k) for k in range(prune_step, first_opt))
     return out
 
 

@@ -71,7 +71,8 @@ class PhasePlan:
     """Which phase each annealing step belongs to, and where the search acts.
 
     ``branch_step``: first step of the refine phase (the branching point, t = 200 by default).
-    ``prune_step``: step at whose start pruning runs (None = off). ``repulsion``: per-step scale of
+    ``prune_step``: step at whose start pruning runs (None = off); ``prune_dry_run``: it only records
+    its decisions (nothing is dropped, nothing saved). ``repulsion``: per-step scale of
     the repulsive force (all zero = independent particles, and then no repulsion code runs).
     ``optimize_steps``: steps after whose MCMC latent optimisation runs.
     """
@@ -79,6 +80,7 @@ class PhasePlan:
     num_steps: int
     branch_step: int
     prune_step: int | None = None
+    prune_dry_run: bool = False
     repulsion: list[float] = field(default_factory=list)
     optimize_steps: frozenset[int] = frozenset()
 
@@ -138,10 +140,10 @@ def sample(model: LatentModel, operator: PhaseRetrieval, particles: Particles,
 
         # Prune: diversity-aware selection at the branching point.
         if step == plan.prune_step and hooks.prune is not None:
-            emit("prune_start", dict(step=step, particles=particles))
+            emit("prune_start", dict(step=step, particles=particles, dry_run=plan.prune_dry_run))
             particles, dropped, record = hooks.prune(particles, step)
             retired += dropped
-            emit("prune_end", dict(step=step, particles=particles, record=record))
+            emit("prune_end", dict(step=step, particles=particles, record=record, dry_run=plan.prune_dry_run))
 
         # 1. Reverse diffusion: z0hat from z_t.
         z0hat = reverse_ode(model, particles.z, sigma, ode)

@@ -7,10 +7,13 @@ distance matrix and its mean over the flattened z0y of that measurement's partic
 measurement loss of each particle's z0y, and (when the ground truth is known) the mode label of
 each particle's decoded z0hat. Compute counts come from forward hooks on the model's decoder and
 denoiser modules: calls and particle-evaluations, split into forward-only and forward+backward
-(a decoder pass under autograd is always followed by exactly one backward pass).
+(a decoder pass under autograd is always followed by exactly one backward pass). A dry-run pruning
+(``pruning.dry_run``) is observation too: its decodes are not counted. Every step also records a
+fingerprint of each particle's z0y (``fingerprints``) for honest pairing between runs.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
 
@@ -20,6 +23,22 @@ from .device import Device
 from .modes import ModeThresholds, label_modes
 from .models.base import LatentModel
 from .operators import PhaseRetrieval
+
+
+def fingerprints(z: torch.Tensor) -> list[str]:
+    """Per particle (row of ``z``): 16 hex characters of a BLAKE2b hash of its bytes, dtype and shape.
+
+    Equal fingerprints mean bitwise-equal latents; the report uses them to tell whether two runs
+    are bitwise-paired (identical up to a step) or only stream-paired (same random streams, other
+    rounding: batch composition changes float rounding on the real networks)."""
+    rows = z.detach().cpu().contiguous()
+    out = []
+    for row in rows:
+        h = hashlib.blake2b(digest_size=8)
+        h.update(f"{row.dtype}{tuple(row.shape)}".encode())
+        h.update(row.view(torch.uint8).numpy().tobytes())
+        out.append(h.hexdigest())
+    return out
 
 
 class ModuleCounter:
@@ -84,17 +103,19 @@ class Telemetry:
             self.peak_reserved_mb = max(self.peak_reserved_mb or 0.0, mem["reserved_mb"])
         return mem["allocated_mb"]
 
+    def _set_counting(self, on: bool) -> None:
+        for c in self.counters.values():
+            c.enabled = on
+
     @contextmanager
     def _own_work(self):
         """Telemetry's own decodes are not counted as the algorithm's compute."""
-        for c in self.counters.values():
-            c.enabled = False
+        self._set_counting(False)
         try:
             with torch.no_grad():
                 yield
         finally:
-            for c in self.counters.values():
-                c.enabled = True
+            self._set_counting(True)
 
     # -- the callback --------------------------------------------------------------------------------
     def __call__(self, event: str, info: dict) -> None:
@@ -108,9 +129,12 @@ class Telemetry:
         self._t0 = self._mark = self._clock()
 
     def _on_prune_start(self, info: dict) -> None:
+        if info.get("dry_run"):         # an observation: its decodes are not the algorithm's compute
+            self._set_counting(False)
         self._mark = self._clock()
 
     def _on_prune_end(self, info: dict) -> None:
+        self._set_counting(True)
         self._current["prune_s"] = self._clock() - self._mark
         self._current["prune_peak_mb"] = self._peak()   # the pruning's own work: pre-pruning memory
         self.device.reset_peak()
@@ -156,13 +180,14 @@ class Telemetry:
                 if self.gt is not None:
                     gt = self.gt.to(z0hat.device)[particles.measurement]
                     labels = label_modes(gt, x0hat, self.thresholds)
+            prints = fingerprints(z0y)
             for m, positions in particles.groups().items():
                 flat = z0y[positions].flatten(1).double()
                 dist = torch.cdist(flat, flat)
                 n = len(positions)
                 mean = float(dist.sum() / (n * (n - 1))) if n > 1 else 0.0
                 rec = dict(step=info["step"], ids=[particles.ids[p] for p in positions],
-                           mean_pairwise_z0y=mean)
+                           mean_pairwise_z0y=mean, fingerprint_z0y=[prints[p] for p in positions])
                 if self.record_matrices:
                     rec["pairwise_z0y"] = dist.tolist()
                 if loss is not None:

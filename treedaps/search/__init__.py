@@ -50,7 +50,7 @@ def build_search(cfg: DictConfig, model: LatentModel, settings: Settings, device
             raise ConfigError(f"pruning.loss_factor must be >= 1, got {p.loss_factor}")
         try:
             pcfg = PruningConfig(int(p.num_keep), float(p.loss_factor), bool(p.replace_hopeless),
-                                 int(p.image_size), str(p.criterion))
+                                 int(p.image_size), str(p.criterion), bool(p.get("dry_run", False)))
         except ValueError as err:
             raise ConfigError(str(err)) from None
         search.hooks.prune = make_prune_hook(model, settings.operator, pcfg, device)

@@ -19,7 +19,9 @@ Greedy and deterministic, per measurement, visiting particles by increasing loss
   2. fill up to ``num_keep`` with the remaining acceptable particles by loss ("fill by loss");
   3. still short: with ``replace_hopeless`` add copies of the kept particles (best first) under
      fresh ids with their own random streams ("copy of <id>"); otherwise keep fewer particles.
-Everything not kept is dropped with its reason. Pruning slices the particles object
+Everything not kept is dropped with its reason. With ``dry_run`` the decisions are recorded and
+nothing is dropped, so a run without pruning can state its own pruning regret (the best final
+particle among those pruning would have dropped). Otherwise pruning slices the particles object
 (``Particles.select``): latents, generators, MCMC state, measurement copies all shrink, so the
 rest of the run really costs less.
 """
@@ -45,6 +47,7 @@ class PruningConfig:
     replace_hopeless: bool = False
     image_size: int = 64
     criterion: str = "z0hat"        # whose measurement loss ranks the particles: z0hat | z0y
+    dry_run: bool = False           # record the decisions only; every particle goes on
 
     def __post_init__(self):
         if self.criterion not in ("z0hat", "z0y"):
@@ -154,7 +157,9 @@ def make_prune_hook(model: LatentModel, operator: PhaseRetrieval, cfg: PruningCo
                               twin_distance=twin.tolist(), kept=[ids[k] for k in kept], copies=children,
                               dropped=[ids[i] for i in range(len(ids)) if i not in kept],
                               decisions=decisions, loss_factor=cfg.loss_factor, num_keep=cfg.num_keep,
-                              criterion=cfg.criterion)
+                              criterion=cfg.criterion, dry_run=cfg.dry_run)
+        if cfg.dry_run:
+            return particles, [], records
         survivors = particles.select(keep_positions)
         if copy_parents:
             survivors = Particles.concat([survivors, particles.copy_with_new_ids(copy_parents, copy_ids, device)])
