@@ -3,5 +3,4 @@
 source "$(dirname "$0")/_common.sh"
 USAGE="usage: $0 --10|--100 [overrides...]   (ImageNet first 10/100 images; flags combine; no --1)"
 REFUSE_REASON="one image says nothing about a success rate; use --10 or --100"
-run_experiment exp3_2particle "$USAGE" "10 100" -- experiment=exp3 num_samples=2 repulsion_scale=0.1 \
-  pruning_step=-1 optimization_step=-1 :: "$@"
+run_experiment exp3_2particle "$USAGE" "10 100" -- experiment=exp3 :: "$@"

@@ -3,5 +3,4 @@
 # Another base: append e.g. pruning_step=-1 (exp 1 + optimisation); presets: optimization.preset=weak|dense.
 source "$(dirname "$0")/_common.sh"
 USAGE="usage: $0 --1|--10|--100 [overrides...]   (ImageNet first 1/10/100 images; flags combine)"
-run_experiment exp4_optimization "$USAGE" "1 10 100" -- experiment=exp4 num_samples=4 repulsion_scale=0.1 \
-  pruning_step=200 optimization_step=200 :: "$@"
+run_experiment exp4_optimization "$USAGE" "1 10 100" -- experiment=exp4 :: "$@"

@@ -8,13 +8,8 @@
 source "$(dirname "$0")/_common.sh"
 USAGE="usage: $0 [--imagenet] [--ffhq] --10|--100 [overrides...]   (first 10/100 images; flags combine)"
 REFUSE_REASON="the final table needs at least 10 images; use --10 or --100"
-run_experiment exp5_exp0 "$USAGE" "10 100" -- experiment=exp0 num_samples=4 repulsion_scale=0 \
-  pruning_step=-1 optimization_step=-1 :: "$@"
-run_experiment exp5_best "$USAGE" "10 100" -- experiment=exp4 num_samples=4 repulsion_scale=0.1 \
-  pruning_step=200 optimization_step=200 :: "$@"
-run_experiment exp5_best_N1 "$USAGE" "10 100" -- experiment=exp4 num_samples=1 repulsion_scale=0 \
-  pruning_step=-1 optimization_step=200 :: "$@"
-run_experiment exp5_best_N2 "$USAGE" "10 100" -- experiment=exp4 num_samples=2 repulsion_scale=0.1 \
-  pruning_step=-1 optimization_step=200 :: "$@"
-run_experiment exp5_best_N8 "$USAGE" "10 100" -- experiment=exp4 num_samples=8 repulsion_scale=0.1 \
-  pruning_step=200 pruning.num_keep=4 optimization_step=200 :: "$@"
+run_experiment exp5_exp0 "$USAGE" "10 100" -- experiment=exp0 :: "$@"
+run_experiment exp5_best "$USAGE" "10 100" -- experiment=exp4 :: "$@"
+run_experiment exp5_best_N1 "$USAGE" "10 100" -- experiment=exp5_n1 :: "$@"
+run_experiment exp5_best_N2 "$USAGE" "10 100" -- experiment=exp5_n2 :: "$@"
+run_experiment exp5_best_N8 "$USAGE" "10 100" -- experiment=exp5_n8 :: "$@"
