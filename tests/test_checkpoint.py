@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import collections
+import io
 import os
 import pickle
 import subprocess
@@ -159,6 +160,31 @@ def test_protocol0_inst_and_build_on_real_objects_are_refused(tmp_path):
     write_raw(path, b"\x80\x02cnot_installed.mod\nThing\n)R)R.")  # calling a placeholder
     with pytest.raises(UnsafeCheckpointError, match="calls a Placeholder"):
         load_checkpoint(path)
+    subclass = Call(torch._tensor._rebuild_from_type_v2, os.system, torch.Tensor, (f"touch {marker}",), {})
+    torch.save({"t": subclass}, path)
+    with pytest.raises(UnsafeCheckpointError, match="tensor subclass is rebuilt by a GlobalRef"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_tensor_reading_past_its_storage_is_refused(tmp_path):
+    class StoragePickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 2) if obj == "STORAGE" else None
+
+    path = tmp_path / "oob.ckpt"
+    for size, stride, offset in (((4,), (1,), 0), ((2,), (1,), 1), ((2, 2), (0, 1), 0)):
+        buf = io.BytesIO()
+        StoragePickler(buf, protocol=2).dump(
+            {"w": Call(torch._utils._rebuild_tensor_v2, "STORAGE", offset, size, stride, False, {})})
+        write_raw(path, buf.getvalue())
+        with zipfile.ZipFile(path, "a") as zf:
+            zf.writestr("archive/data/0", np.array([1.0, 2.0], dtype=np.float32).tobytes())
+        if stride == (0, 1):  # a broadcast view inside the storage is fine
+            assert torch.equal(load_checkpoint(path)["w"], torch.tensor([[1.0, 2.0], [1.0, 2.0]]))
+            continue
+        with pytest.raises(CheckpointError, match="reads past its storage of 8 bytes"):
+            load_checkpoint(path)
 
 
 @pytest.mark.skipif(not FIX.is_dir(), reason=f"DAPS reference fixtures not found at {FIX}")

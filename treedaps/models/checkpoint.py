@@ -12,8 +12,8 @@ numpy scalars). ``load_checkpoint`` reads both file formats of ``torch.save`` it
   of storage keys, then per key an int64 element count and the raw bytes (as ``_legacy_load``). The
   older tar format (PyTorch <= 0.3) is refused with one line.
 
-The pickle runs on Python's pure-Python unpickler, with every opcode that could call or mutate
-something replaced (the idea of ``torch._weights_only_unpickler``; the code is our own). The rule:
+The pickle runs on Python's pure-Python unpickler (``pickle._Unpickler``), with every opcode that could
+call or mutate something replaced (the idea of ``torch._weights_only_unpickler``; the code is our own). The rule:
 
 1. Nothing is imported and nothing outside the allow list is ever called. The allow list: torch's
    tensor rebuild functions (``torch._utils._rebuild_tensor[_v2|_v3]``, ``_rebuild_parameter[_with_state]``,
@@ -29,13 +29,15 @@ something replaced (the idea of ``torch._weights_only_unpickler``; the code is o
 3. Except when the global lives in a module that can run code (``_CODE_MODULES``: os, posix,
    subprocess, builtins, sys, importlib, pickle, torch's non-rebuild functions, ...): an honest
    checkpoint never calls those, so such a pickle is an attack or a broken file, and loading stops
-   with an ``UnsafeCheckpointError`` naming the global. The list only decides between a loud refusal
-   and a silent placeholder; safety rests on rule 1, so a module missing from it is never run either.
+   with an ``UnsafeCheckpointError`` naming the global. Refusing every call of an unknown global
+   instead would refuse honest files (numpy scalars and ``defaultdict`` are such calls). The list only
+   decides between a loud refusal and a silent placeholder; safety rests on rule 1, so a function of a
+   module missing from the list is never run either.
 4. BUILD on anything but a placeholder (which would call e.g. ``Tensor.__setstate__``) and the EXT
    opcodes (which read the process-wide copyreg extension cache) are refused.
 
-Only tensors come back as real objects: parameters and tensor subclasses come back as plain tensors
-(``requires_grad`` and hooks dropped); only their values matter to a state dict.
+Tensors share storages as in ``torch.load``, but parameters and tensor subclasses come back as plain
+tensors (``requires_grad``, hooks and subclass state dropped): a state dict needs only their values.
 """
 from __future__ import annotations
 
