@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -384,18 +385,43 @@ def test_class_label_validation():
         build_ldm(tiny_cfg("ffhq", sigma_mapping="edm"))
 
 
-def test_weights_only_fallback_warns(tmp_path, caplog):
+def test_lightning_extras_load_without_running_the_pickle(tmp_path, caplog):
     path = tmp_path / "lightning.ckpt"
-    sd = {"betas": torch.zeros(3)}
+    sd = {"betas": torch.linspace(0.1, 0.2, 3)}
     torch.save({"state_dict": sd, "hyper_parameters": argparse.Namespace(lr=1e-4), "epoch": 3}, path)
-    with caplog.at_level(logging.WARNING, logger=ldm_mod.__name__):
+    with caplog.at_level(logging.WARNING):
         out = load_state_dict_file(path)
-    assert set(out) == {"betas"}
-    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "weights_only=False" in warnings[0] and "\n" not in warnings[0]
-    plain = tmp_path / "plain.ckpt"
-    torch.save({"state_dict": sd}, plain)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=ldm_mod.__name__):
-        assert set(load_state_dict_file(plain)) == {"betas"}
-    assert not caplog.records
+    assert list(out) == ["betas"] and torch.equal(out["betas"], sd["betas"]) and not caplog.records
+    flat = tmp_path / "flat.ckpt"
+    torch.save(sd, flat)
+    assert list(load_state_dict_file(flat)) == ["betas"]
+    odd = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": {"betas": sd["betas"], "extra": argparse.Namespace()}}, odd)
+    with pytest.raises(ValueError, match=r"odd\.ckpt: state_dict entry 'extra' is a Placeholder, not a tensor"):
+        load_state_dict_file(odd)
+
+
+class _System:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@needs_fixtures
+def test_build_ldm_refuses_code_in_the_pickle_with_one_line_naming_the_path(tmp_path):
+    marker = tmp_path / "pwned"
+    cfg = tiny_cfg("ffhq")
+    for name, payload in (("evil.ckpt", _System(f"touch {marker}")), ("cut.ckpt", None)):
+        path = tmp_path / name
+        torch.save({"state_dict": {"betas": torch.zeros(3)}, "x": payload}, path)
+        if payload is None:
+            path.write_bytes(path.read_bytes()[:300])
+        cfg.diffusion_path = str(path)
+        with pytest.raises(ValueError) as info:
+            build_ldm(cfg)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: ") and "\n" not in msg
+        assert (f"calls {os.system.__module__}.system" in msg) if payload else ("corrupt or truncated" in msg)
+    assert not marker.exists()

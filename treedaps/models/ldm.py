@@ -23,8 +23,6 @@ docs/checkpoints.md.
 from __future__ import annotations
 
 import logging
-import pickle
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +31,7 @@ from torch import nn
 
 from ..noise_levels import get_noise_levels
 from .base import LatentModel
+from .checkpoint import load_checkpoint
 from .compvis_keys import (
     COND_STAGE_PREFIX, EMA_PREFIX, IGNORED_KEY_PREFIXES, CompVisKeyMapping, UNetLayout, VQLayout,
     map_compvis_state_dict, unet_layout, vq_layout,
@@ -364,21 +363,13 @@ class CompVisLDM(LatentModel):
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a CompVis ``model.ckpt`` and return its ``state_dict``.
 
-    Tries ``torch.load(weights_only=True)`` first. Real Lightning checkpoints may also pickle
-    non-tensor objects (hyper-parameters, callbacks); only then, after a one-line warning, it
-    falls back to ``weights_only=False``, which can execute code from the file: load only files
-    from a source you trust. A file that is itself a flat tensor dict is accepted as the state dict.
+    The file is read by ``checkpoint.load_checkpoint``, which never runs the pickle: Lightning extras
+    (callbacks, hyper-parameters, numpy scalars) become inert placeholders and a pickle that would
+    call code is refused. A file that is itself a flat tensor dict is accepted as the state dict.
+    Every error is one line naming ``path``.
     """
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = f"it pickles {found.group(1)}" if found else "it pickles non-tensor objects"
-        msg = (f"{path}: torch.load(weights_only=True) refused the file ({what}, e.g. Lightning extras); "
-               "retrying with weights_only=False, which can run code from the pickle: use trusted files only")
-        log.warning(msg)  # with no logging configured, Python prints WARNING records to stderr
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_checkpoint(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:
         sd = obj["state_dict"]
     elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -387,6 +378,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} holds no 'state_dict' (not a CompVis/Lightning checkpoint)")
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: 'state_dict' is a {type(sd).__name__}, not a mapping")
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: state_dict entry {bad!r} is a {type(sd[bad]).__name__}, not a tensor")
     return dict(sd)
 
 
