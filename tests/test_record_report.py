@@ -146,6 +146,7 @@ def test_mean_over_fewer_units_says_so():
 @pytest.mark.parametrize("breakage, words", [
     (lambda u: u.pop("steps"), "missing keys steps"),
     (lambda u: u.update(particles={"0": 1}), "particles (dict, expected list)"),
+    (lambda u: u.update(particles=3), "particles (int, expected list)"),
     (lambda u: u["particles"][0].pop("status"), "without id/status"),
     (lambda u: u["steps"][2].pop("step"), "KeyError"),
     (lambda u: u.update(events=[dict(event="prune", step=3, dry_run=True)]), "KeyError: 'kept'"),

@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import math
 import statistics
-from contextlib import contextmanager
 
 from .metrics import HIGHER_IS_BETTER
 from .sampler import PhasePlan
+from .unit_checks import UnitRecordError, check_config_hashes, check_unit, reading, unit_label
+
+__all__ = ["PHASES", "SCHEMA_VERSION", "VRAM_KEYS", "UnitRecordError", "dry_run_regret", "merge",
+           "optimization_rows", "optimization_summary", "phase_memory", "phase_times", "summarise_dry_run",
+           "summarise_optimization", "unit_label"]
 
 SCHEMA_VERSION = "treedaps.metrics/1"
 VRAM_KEYS = ("pre_pruning_peak_mb", "post_pruning_peak_mb", "pre_optimization_peak_mb",
              "optimization_peak_mb", "post_pruning_pre_optimization_peak_mb")
 PHASES = ("explore", "prune", "refine", "optimize")
-# What merge reads from every unit record, with the type it must have.
-REQUIRED = dict(index=int, seed=int, name=str, particles=list, coverage=dict, steps=list, time=dict,
-                vram=dict, compute=dict)
-
-
-class UnitRecordError(ValueError):
-    """A unit record that cannot be merged (the message names the unit)."""
 
 
 def _max(values) -> float | None:
@@ -87,60 +84,6 @@ def phase_times(steps: list[dict]) -> dict:
     return out
 
 
-# -- checks ---------------------------------------------------------------------------------------------
-def unit_label(u, position: int | None = None) -> str:
-    """How errors name a unit: its ``unit`` key, else index/seed, else its position in the list."""
-    if isinstance(u, dict):
-        if u.get("unit"):
-            return str(u["unit"])
-        if "index" in u:
-            return f"index {u['index']} seed {u.get('seed', '?')}"
-    return f"#{position} of the list"
-
-
-def check_unit(u, position: int) -> None:
-    """Required keys and types of one unit record (a malformed or partial record is named)."""
-    if not isinstance(u, dict):
-        raise UnitRecordError(f"unit {unit_label(u, position)}: record is a {type(u).__name__}, not a dict")
-    label = unit_label(u, position)
-    missing = [k for k in REQUIRED if k not in u]
-    if missing:
-        raise UnitRecordError(f"unit {label}: missing keys {', '.join(missing)} (malformed or partial record)")
-    wrong = [f"{k} ({type(u[k]).__name__}, expected {t.__name__})" for k, t in REQUIRED.items()
-             if not isinstance(u[k], t)]
-    bad = [i for i, p in enumerate(u["particles"]) if not isinstance(p, dict) or "id" not in p or "status" not in p]
-    if wrong or bad:
-        why = ", ".join(wrong + ([f"particles {bad} without id/status"] if bad else []))
-        raise UnitRecordError(f"unit {label}: wrong types: {why} (malformed record)")
-
-
-def check_config_hashes(units: list[dict], expected: str | None) -> list[str]:
-    """Refuse units of another config than the run's (or, without one, mixed configs); returns
-    warnings (units without the key, accepted for older records)."""
-    hashes = {unit_label(u): u["config_hash"] for u in units if u.get("config_hash") is not None}
-    if expected is not None:
-        other = {k: h for k, h in hashes.items() if h != expected}
-        if other:
-            shown = ", ".join(f"{k} ({h})" for k, h in sorted(other.items()))
-            raise UnitRecordError(f"refusing to merge units of another config than the run's ({expected}): {shown}")
-    elif len(set(hashes.values())) > 1:
-        shown = ", ".join(f"{k} ({h})" for k, h in sorted(hashes.items()))
-        raise UnitRecordError(f"refusing to merge units of different configs: {shown}")
-    old = sorted(unit_label(u) for u in units if u.get("config_hash") is None)
-    return [f"units without config_hash (older records, accepted unchecked): {', '.join(old)}"] if old else []
-
-
-@contextmanager
-def _reading(label: str):
-    """Turn any error while reading one unit's record into one naming that unit."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        if isinstance(err, UnitRecordError):
-            raise
-        raise UnitRecordError(f"unit {label}: cannot merge its record ({type(err).__name__}: {err})") from err
-
-
 # -- one unit -> its summary ---------------------------------------------------------------------------
 def _unit_summary(u: dict, metrics: tuple[str, ...]) -> dict:
     finals = [p for p in u["particles"] if p["status"] == "final"]
@@ -182,7 +125,8 @@ def dry_run_regret(u: dict) -> dict | None:
     regret = None if best_all is None or best_kept is None else best_all - best_kept
     modes = [p.get("mode") for p in finals.values()]
     lost = None if not modes or None in modes else ("0" in modes and all(p.get("mode") != "0" for p in kept))
-    reason = None if regret is not None else ("no final PSNR" if best_all is None else "no kept particle has a final PSNR")
+    reason = (None if regret is not None else
+              "no final PSNR" if best_all is None else "no kept particle has a final PSNR")
     return dict(index=u["index"], seed=u["seed"], step=event.get("step"), kept=list(event["kept"]),
                 regret_db=regret, lost_truth=lost, reason=reason)
 
@@ -198,7 +142,7 @@ def merge(units: list[dict], metadata: dict, metrics: tuple[str, ...]) -> dict:
     warnings = check_config_hashes(units, metadata.get("config_hash"))
     rows = []
     for u in sorted(units, key=lambda u: (u["index"], u["seed"])):
-        with _reading(unit_label(u)):
+        with reading(unit_label(u)):
             rows.append(_unit_summary(u, metrics))
     out: dict = {"schema": SCHEMA_VERSION,
                  "metadata": {**metadata, **({"warnings": warnings} if warnings else {})},

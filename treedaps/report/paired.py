@@ -127,7 +127,8 @@ def prune_steps(units: list[dict]) -> list[int]:
     steps = [e.get("step") for u in units for e in u.get("events") or []
              if e.get("event") == "prune" and not e.get("dry_run")]
     if not steps:
-        steps = [p.get("left_at_step") for u in units for p in u.get("particles") or [] if p.get("status") == "pruned"]
+        steps = [p.get("left_at_step") for u in units for p in u.get("particles") or []
+                 if p.get("status") == "pruned"]
     return sorted({s for s in steps if s is not None})
 
 
@@ -141,7 +142,8 @@ def pruning_regret(a: dict, b: dict, ua: dict, ub: dict, common: list, pair: Pai
                 f"it needs both runs bitwise identical through that step")
     regret = 0
     for key in common:
-        finals = [p for p in ua[key].get("particles") or [] if p.get("status") == "final" and p.get("psnr") is not None]
+        finals = [p for p in ua[key].get("particles") or []
+                  if p.get("status") == "final" and p.get("psnr") is not None]
         if finals:
             best = max(finals, key=lambda p: p["psnr"]).get("id")
             regret += best in {p.get("id") for p in ub[key].get("particles") or [] if p.get("status") == "pruned"}
