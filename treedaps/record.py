@@ -91,7 +91,7 @@ def _unit_summary(u: dict, metrics: tuple[str, ...]) -> dict:
     return dict(
         key=dict(index=u["index"], name=u["name"], seed=u["seed"]),
         samples={m: [p.get(m) for p in finals] for m in metrics},
-        unavailable=u.get("unavailable") or {},
+        unavailable={m: (u.get("unavailable") or {}).get(m) for m in metrics},
         coverage=u["coverage"],
         step_times=[(s["step"], s.get("time_s")) for s in u["steps"]],
         total_s=times.get("total_s"),
@@ -149,7 +149,7 @@ def merge(units: list[dict], metadata: dict, metrics: tuple[str, ...]) -> dict:
                  "units": [r["key"] for r in rows]}
     for metric in metrics:
         out[metric] = _metric_block([r["samples"][metric] for r in rows], metric,
-                                    {r["unavailable"].get(metric) for r in rows} - {None})
+                                    {r["unavailable"][metric] for r in rows} - {None})
     out["modes"] = _modes([r["coverage"] for r in rows])
     out["timing"] = _timing(rows)
     out["vram"] = {k: _max(r["vram"][k] for r in rows) for k in VRAM_KEYS}
