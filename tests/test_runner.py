@@ -180,7 +180,7 @@ def test_diverged_particle_recorded(tmp_path):
     rows = {p["id"]: p for p in unit["particles"]}
     assert [rows[i]["status"] for i in (0, 1, 2)] == ["final", "diverged", "final"]
     assert rows[1]["left_at_step"] == 1 and "psnr" in rows[1]
-    assert merged["diverged"] == [dict(index=0, seed=42, particle=1, step=1)]
+    assert merged["diverged"] == [dict(index=0, seed=42, particle=1, step=1, reason=rows[1]["reason"])]
     assert len(merged["psnr"]["sample"][0]) == 2          # statistics over the finished particles
     tensors = torch.load(tmp_path / "run" / "units" / "00000.pt", weights_only=True)
     assert tensors["status"] == ["final", "final", "diverged"] and tensors["ids"] == [0, 2, 1]

@@ -145,4 +145,11 @@ class RunDir:
         atomic_write_json(self.unit_json(unit), record)
 
     def load_units(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.units.glob("*.json"))]
+        """Every finished unit's record; a file that does not parse is named in the error."""
+        records = []
+        for p in sorted(self.units.glob("*.json")):
+            try:
+                records.append(json.loads(p.read_text()))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"unit file {p} is not valid JSON ({err}); delete it to rerun that unit") from err
+        return records
