@@ -22,6 +22,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from treedaps.report import load
+from treedaps.report.paired import paired
 from treedaps.runner import Experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +193,8 @@ def test_diverged_particle_on_the_real_network(tmp_path):
     unit = json.loads((tmp_path / "run" / "units" / "00000.json").read_text())
     rows = {p["id"]: p["status"] for p in unit["particles"]}
     assert rows == {0: "final", 1: "diverged", 2: "final"}
-    assert merged["diverged"] == [dict(index=0, seed=42, particle=1, step=1)]
+    assert merged["diverged"] == [dict(index=0, seed=42, particle=1, step=1,
+                                       reason="non-finite latent in PF-ODE or MCMC")]
 
 
 def _numbers(obj):
@@ -218,14 +221,16 @@ def test_same_command_twice_gives_identical_numbers(tmp_path):
 
 
 def test_exp1_and_exp2_are_bitwise_paired_up_to_the_pruning(tmp_path):
-    """Same batch composition up to the pruning step -> identical z0y fingerprints there; after it
-    exp 2 runs 2 particles and the real network's rounding may differ (stream-paired only)."""
+    """Same batch composition up to the pruning step -> identical z0y fingerprints there, and the
+    report says so and computes the cross-run pruning regret; exp 1's own dry run gives it too."""
     Experiment(make_cfg(tmp_path, "experiment=exp1", name="e1")).run()
     Experiment(make_cfg(tmp_path, "experiment=exp2", name="e2")).run()
     t1 = json.loads((tmp_path / "e1" / "units" / "00000.json").read_text())["trace"]
     t2 = json.loads((tmp_path / "e2" / "units" / "00000.json").read_text())["trace"]
-    before = [s for s in range(5)]                 # the pruning runs at the start of step 5
-    for step in before:
+    for step in range(5):                          # the pruning runs at the start of step 5
         assert t1[step]["fingerprint_z0y"] == t2[step]["fingerprint_z0y"], step
-    kept = t2[5]["ids"]
-    assert len(kept) == 2 and len(t1[5]["ids"]) == 4
+    assert len(t2[5]["ids"]) == 2 and len(t1[5]["ids"]) == 4
+    a, b = load([str(tmp_path / "e1"), str(tmp_path / "e2")])
+    text = paired(a, b)
+    assert "bitwise-paired up to step" in text and "pruning regret (oracle-best particle" in text
+    assert a["dry_run_pruning"] is not None and b["dry_run_pruning"] is None

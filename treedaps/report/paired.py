@@ -8,7 +8,9 @@ common unit), "stream-paired only" (some unit differs at its first step: the sam
 but not the same numbers), or "no fingerprints (older run)". The 2 x 2 success table with
 McNemar's exact test needs only the pairing by measurement; the pruning regret (share of
 measurements whose oracle-best particle of A was pruned in B) needs A and B to be the same run up
-to B's decision, so it is computed only when the pair is bitwise-paired through B's pruning step.
+to B's decision. A pruning at the start of step s judges the estimates of step s - 1, so the regret
+is computed only when the pair is bitwise-paired through step s - 1 (at step s itself B already runs
+fewer particles, which may change the rounding).
 """
 from __future__ import annotations
 
@@ -137,9 +139,9 @@ def pruning_regret(a: dict, b: dict, ua: dict, ub: dict, common: list, pair: Pai
     steps = prune_steps([ub[k] for k in common])
     if not steps:
         return None
-    if not pair.covers(steps[-1]):
-        return (f"pruning regret not computed: {name(b)} prunes at step {steps[-1]}, pairing: {pair.describe()}; "
-                f"it needs both runs bitwise identical through that step")
+    if steps[-1] > 0 and not pair.covers(steps[-1] - 1):
+        return (f"pruning regret not computed: {name(b)} prunes at the start of step {steps[-1]}, pairing: "
+                f"{pair.describe()}; it needs both runs bitwise identical through step {steps[-1] - 1}")
     regret = 0
     for key in common:
         finals = [p for p in ua[key].get("particles") or []
