@@ -1,0 +1,69 @@
+"""Faults found by running the code as a new user (issue "real runs", point 7), one test each:
+canonical config hash and its mismatch message, non-finite numbers, every image checked before
+sampling, system errors during a run, the run-folder lock, the unit's config hash, the history of
+invocations, stale temporary files, the resume line, file modes, readable grids, the scripts'
+banner, and the timestep-range hint."""
+import errno
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from treedaps import results
+from treedaps.config import ConfigError
+from treedaps.noise_levels import DapsVP
+from treedaps.runner import Experiment
+from treedaps.schedules import annealing_sigmas, resolve_timestep
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["sampler.annealing_scheduler_config.num_steps=3", "task.ldm.mcmc_sampler_config.num_steps=3",
+        "eval_fn_list=[psnr,ssim]", "progress=false"]
+
+
+def make_cfg(save_dir, *overrides, name="run"):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="default",
+                       overrides=[*FAST, f"save_dir={save_dir}", f"name={name}", *overrides])
+
+
+def experiment(save_dir, *overrides):
+    return Experiment(make_cfg(save_dir, "data.end_id=1", "num_samples=1", *overrides))
+
+
+def cli_module():
+    spec = importlib.util.spec_from_file_location("posterior_sample_cli", REPO / "posterior_sample.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+# -- 2. non-finite numbers are refused, naming the key ---------------------------------------------------------
+
+NON_FINITE = ["repulsion_scale=nan", "pruning_step=nan", "optimization_step=inf", "branch_timestep=nan",
+              "task.ldm.mcmc_sampler_config.lr=nan", "task.ldm.mcmc_sampler_config.tau=-inf",
+              "sampler.annealing_scheduler_config.sigma_max=inf", "modes.margin=nan",
+              "pruning.loss_factor=nan", "optimization.lr=nan", "repulsion.bandwidth=nan"]
+
+
+@pytest.mark.parametrize("override", NON_FINITE)
+def test_non_finite_refused(tmp_path, override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"^{key}={value} is not a finite number$"):
+        Experiment(make_cfg(tmp_path / "out", override))
+    assert not (tmp_path / "out").exists()
+
+
+def test_string_for_a_number_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^repulsion_scale must be a number, got 'abc'$"):
+        Experiment(make_cfg(tmp_path / "out", "repulsion_scale=abc"))
