@@ -67,3 +67,29 @@ def test_non_finite_refused(tmp_path, override):
 def test_string_for_a_number_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^repulsion_scale must be a number, got 'abc'$"):
         Experiment(make_cfg(tmp_path / "out", "repulsion_scale=abc"))
+
+
+# -- 3. every image of the range is checked before any sampling ------------------------------------------------
+
+def _folder(root: Path, n: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"{i:02d}.png")
+    return root
+
+
+def _folder_cfg(tmp_path, data, *overrides):
+    return make_cfg(tmp_path / "out", "data=demo-ffhq", f"data.root={data}", "data.resolution=32",
+                    "num_samples=1", *overrides)
+
+
+def test_bad_file_late_in_the_range_refused_before_anything(tmp_path):
+    data = _folder(tmp_path / "data", 4)
+    (data / "02.png").write_bytes((data / "02.png").read_bytes()[:200])   # truncated
+    with pytest.raises(OSError, match=r"^cannot read image .*02\.png: ") as info:
+        Experiment(_folder_cfg(tmp_path, data, "data.end_id=4"))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    Experiment(_folder_cfg(tmp_path, data, "data.end_id=2"))   # outside the range: not opened

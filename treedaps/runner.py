@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import Settings, to_container, validate
-from .data import build_dataset
+from .data import build_dataset, check_dataset
 from .device import Device, select_device
 from .metrics import Lpips, default_lpips, evaluate
 from .models import build_model
@@ -58,7 +58,7 @@ class Experiment:
         else:
             self.dataset = build_dataset(cfg.data)
             self.model = build_model(cfg.model, self.device)
-        self._check_image_size()
+        check_dataset(self.dataset, self.model.image_shape)   # every file, before any sampling
         self.weights_mb = self.device.current_allocated_mb()
         self.search = build_search(cfg, self.model, self.settings, self.device)
         self.plan: ResolvedPlan = build_plan(cfg, self.model, self.settings.annealing,
@@ -75,12 +75,6 @@ class Experiment:
         self.config_hash = self.run_dir.check_or_init(to_container(cfg), overrides or [],
                                                       write=self.rank.is_main)
         self.lpips: Lpips | None = default_lpips() if "lpips" in self.settings.metrics else None
-
-    def _check_image_size(self) -> None:
-        got = tuple(self.dataset[0]["image"].shape)
-        if got != tuple(self.model.image_shape):
-            raise ValueError(f"images are {got} but the model works on {tuple(self.model.image_shape)}: "
-                             f"set data.resolution={self.model.image_shape[-1]}")
 
     # -- the run -------------------------------------------------------------------------------------
     def units(self) -> list[tuple[int, int]]:
