@@ -93,3 +93,17 @@ def test_bad_file_late_in_the_range_refused_before_anything(tmp_path):
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
     Experiment(_folder_cfg(tmp_path, data, "data.end_id=2"))   # outside the range: not opened
+
+
+# -- 13. the range error suggests only what the key allows ----------------------------------------------------
+
+def test_timestep_hint_only_where_valid(tmp_path):
+    with pytest.raises(ValueError, match="branch_timestep=200 is outside") as info:
+        Experiment(make_cfg(tmp_path / "out", "sampler.annealing_scheduler_config.num_steps=2"))
+    assert "-1" not in str(info.value) and str(info.value).endswith("choose a timestep in that range")
+    with pytest.raises(ValueError, match="or -1 to switch it off$"):
+        Experiment(make_cfg(tmp_path / "out", "num_samples=4", "pruning_step=999"))
+    with pytest.raises(ValueError, match="or repulsion_scale=0 to switch it off$"):
+        Experiment(make_cfg(tmp_path / "out", "repulsion_scale=1", "repulsion.end_timestep=999"))
+    with pytest.raises(ValueError, match="in that range$"):
+        resolve_timestep(999, annealing_sigmas(50), DapsVP(), what="branch_timestep")
