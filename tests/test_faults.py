@@ -95,6 +95,17 @@ def test_bad_file_late_in_the_range_refused_before_anything(tmp_path):
     Experiment(_folder_cfg(tmp_path, data, "data.end_id=2"))   # outside the range: not opened
 
 
+# -- 12. the scripts announce the data they run on ------------------------------------------------------------
+
+@pytest.mark.parametrize("extra,label", [(["data=demo", "model=toy"], "demo"), ([], "imagenet")])
+def test_script_banner_names_the_data(extra, label):
+    res = subprocess.run(["bash", "commands_gpu/exp0_baseline.sh", "--1", *extra], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHON": "echo"})
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == [f">>> exp0_baseline {label} --1 (name=exp0_baseline_{label}_n1)"]
+    assert f"name=exp0_baseline_{label}_n1" in res.stdout
+
+
 # -- 13. the range error suggests only what the key allows ----------------------------------------------------
 
 def test_timestep_hint_only_where_valid(tmp_path):
