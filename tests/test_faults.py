@@ -23,6 +23,8 @@ from PIL import Image
 from treedaps import results
 from treedaps.config import ConfigError
 from treedaps.noise_levels import DapsVP
+from treedaps.results import ConfigMismatch, RunDir, config_diff, config_hash, particle_label
+from treedaps.runlock import RunLocked
 from treedaps.runner import Experiment
 from treedaps.schedules import annealing_sigmas, resolve_timestep
 
@@ -46,6 +48,45 @@ def cli_module():
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     return cli
+
+
+# -- 1. the config hash counts numbers by value, never a bool as a number -----------------------------------
+
+def test_hash_is_canonical():
+    assert config_hash({"a": 0}) == config_hash({"a": 0.0}) == config_hash({"a": -0.0})
+    assert config_hash({"a": [42, 2.0]}) == config_hash({"a": [42.0, 2]})
+    assert config_hash({"a": True}) != config_hash({"a": 1})
+    assert config_hash({"a": [False]}) != config_hash({"a": [0]})
+    assert config_hash({"a": 0.1}) != config_hash({"a": 0.10000001})
+    assert config_diff({"a": True, "b": 0, "c": "x"}, {"a": 1, "b": 0.0, "c": "x"}) == [("a", True, 1)]
+
+
+def test_script_spelling_resumes_with_the_default(tmp_path):
+    """The scripts pass repulsion_scale=0, the default is 0.0: one run, resumed by either."""
+    experiment(tmp_path, "repulsion_scale=0").run()
+    again = experiment(tmp_path)          # default repulsion_scale: 0.0
+    assert again.units() == []
+    assert experiment(tmp_path, "repulsion_scale=0.00").units() == []
+
+
+def test_mismatch_names_keys_with_values(tmp_path):
+    experiment(tmp_path).run()
+    with pytest.raises(ConfigMismatch) as info:
+        experiment(tmp_path, "seed=7", "repulsion_scale=0.5", "modes.margin=3")   # margin 3 == 3.0
+    msg = str(info.value)
+    assert "differing keys: repulsion_scale (0 -> 0.5), seed (42 -> 7). Use another name" in msg
+    assert "margin" not in msg and "\n" not in msg
+
+
+def test_old_spelling_of_the_same_config_is_no_mismatch(tmp_path):
+    """A folder whose config.yaml holds a hash of another spelling (an older hash) still resumes."""
+    experiment(tmp_path).run()
+    path = tmp_path / "run" / "config.yaml"
+    record = yaml.safe_load(path.read_text())
+    record["config_hash"] = "0123456789abcdef"
+    record["config"]["repulsion_scale"] = 0
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    assert experiment(tmp_path).units() == []
 
 
 # -- 2. non-finite numbers are refused, naming the key ---------------------------------------------------------
@@ -93,6 +134,161 @@ def test_bad_file_late_in_the_range_refused_before_anything(tmp_path):
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
     Experiment(_folder_cfg(tmp_path, data, "data.end_id=2"))   # outside the range: not opened
+
+
+# -- 4. a system error during the run: one line, exit 2, what was kept ----------------------------------------
+
+def test_full_disk_during_run_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    real = results.atomic_write_bytes
+
+    def write(path, data):   # the disk fills up while the second measurement is saved
+        if Path(path).parent.name == "units" and Path(path).name.startswith("00001"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    exp = Experiment(make_cfg(tmp_path, "data.end_id=3", "num_samples=1"))
+    monkeypatch.setattr(results, "atomic_write_bytes", write)
+    with pytest.raises(SystemExit) as info:
+        cli_module().run_or_explain(exp)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    root = tmp_path / "run"
+    assert lines == [f"error: [Errno 28] No space left on device: '{root / 'units' / '00001.pt'}'; kept 1 "
+                     f"finished measurement in {root}; rerun the same command to resume"]
+    assert not (root / ".lock").exists()
+    monkeypatch.undo()
+    resumed = Experiment(make_cfg(tmp_path, "data.end_id=3", "num_samples=1"))
+    assert [resumed._unit(u) for u in resumed.units()] == ["00001", "00002"]
+
+
+def test_file_broken_after_the_check(tmp_path, capsys):
+    data = _folder(tmp_path / "data", 2)
+    exp = Experiment(_folder_cfg(tmp_path, data, "data.end_id=2"))
+    (data / "01.png").write_bytes(b"gone bad")
+    with pytest.raises(SystemExit) as info:
+        cli_module().run_or_explain(exp)
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: cannot read image {data / '01.png'}: ")
+    assert line.endswith(f"; kept 1 finished measurement in {tmp_path / 'out' / 'run'}; rerun the same "
+                         f"command to resume")
+
+
+def test_atomic_write_names_the_file_on_a_full_disk(tmp_path, monkeypatch):
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match=r"No space left on device: '.*a\.json'") as info:
+        results.atomic_write_bytes(tmp_path / "a.json", b"{}")
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []     # the temporary file is gone too
+
+
+# -- 5. the run folder is locked ---------------------------------------------------------------------------------
+
+def _lock(root: Path, pid: int, host: str | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".lock"
+    path.write_text(json.dumps(dict(pid=pid, host=host or socket.gethostname(), started="2024-01-01T00:00:00")))
+    return path
+
+
+def test_lock_of_a_live_run_refuses(tmp_path):
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        _lock(tmp_path / "run", other.pid)
+        with pytest.raises(RunLocked, match=rf"in use by another run \(pid {other.pid} on host "
+                                            rf"{socket.gethostname()}, started 2024-01-01T00:00:00\)"):
+            experiment(tmp_path)
+        assert not (tmp_path / "run" / "config.yaml").exists()
+        # torchrun: the other ranks share rank 0's folder and never refuse because of its lock
+        assert RunDir(tmp_path / "run").check_or_init({"a": 1}, [], write=False)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_lock_of_another_host_refuses_and_says_which_file(tmp_path):
+    path = _lock(tmp_path / "run", os.getpid(), host="elsewhere")
+    with pytest.raises(RunLocked, match=rf"cannot be checked from this host; if that run is dead, delete {path}"):
+        experiment(tmp_path)
+
+
+def test_stale_lock_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = _lock(tmp_path / "run", dead.pid)
+    with caplog.at_level("WARNING", logger="treedaps"):
+        exp = experiment(tmp_path)
+    assert f"pid {dead.pid} is not running any more" in caplog.text
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    exp.run()
+    assert not path.exists()
+
+
+# -- 6, 7, 8, 9, 10: unit hash, invocations, temporary files, resume line, file modes -------------------------
+
+def test_unit_hash_invocations_temp_files_resume_line(tmp_path, caplog):
+    first_args = [*FAST, "data.end_id=1", "num_samples=1"]
+    merged = Experiment(make_cfg(tmp_path, *first_args), first_args).run()
+    root = tmp_path / "run"
+    unit = json.loads((root / "units" / "00000.json").read_text())
+    assert unit["config_hash"] == merged["metadata"]["config_hash"]
+    stale = root / "units" / ".00001.pt.k2j_9x0a.tmp"
+    fresh = root / "units" / ".00001.json.abcdefgh.tmp"
+    other = root / "units" / "notes.tmp"
+    for p in (stale, fresh, other):
+        p.write_bytes(b"x")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    os.utime(fresh, (time.time() + 3600,) * 2)   # another rank may be writing it right now
+    with caplog.at_level("INFO", logger="treedaps"):
+        Experiment(make_cfg(tmp_path, "data.end_id=3", "num_samples=1"), ["data.end_id=3"]).run()
+    assert not stale.exists() and fresh.exists() and other.exists()
+    assert f"removed 1 temporary file(s) left in {root} by an interrupted run" in caplog.text
+    assert "resume: 1 of 3 measurements already done (skipped: 00000)" in caplog.text
+    record = yaml.safe_load((root / "config.yaml").read_text())
+    first, second = record["invocations"]
+    assert first["overrides"] == first_args and second["overrides"] == record["overrides"] == ["data.end_id=3"]
+    assert all(set(inv) == {"time", "overrides", "git_revision", "host"} for inv in (first, second))
+
+
+def test_files_honour_the_umask(tmp_path, monkeypatch):
+    mask = os.umask(0o027)
+    try:
+        assert results._read_umask() == 0o027 and os.umask(0o027) == 0o027   # read, left unchanged
+    finally:
+        os.umask(mask)
+    assert results.FILE_MODE == 0o666 & ~mask
+    results.atomic_write_bytes(tmp_path / "a", b"x")
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o666 & ~mask
+    monkeypatch.setattr(results, "FILE_MODE", 0o666 & ~0o027)
+    results.atomic_write_bytes(tmp_path / "b", b"x")
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o640
+
+
+# -- 11. grids large enough to read, labelled -------------------------------------------------------------------
+
+def test_grid_upsampled_and_labelled(tmp_path):
+    Experiment(make_cfg(tmp_path, "data.end_id=1", "num_samples=2")).run()
+    root = tmp_path / "run"
+    grid = torch.from_numpy(np.array(Image.open(root / "grids" / "00000.png")))
+    pad, tile = 4, 128                                   # 32 x 32 demo images, enlarged 4 x
+    assert grid.shape[1] == pad + 4 * (tile + pad) and grid.shape[0] > tile + 2 * pad
+    gt = torch.load(root / "units" / "00000.pt", weights_only=True)["gt"]
+    want = ((gt * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    want = F.interpolate(want[None].float(), scale_factor=4, mode="nearest")[0].permute(1, 2, 0)
+    assert torch.equal(grid[pad:pad + tile, pad:pad + tile].float(), want)
+    for k in range(4):                                   # a label (dark text) under every tile
+        strip = grid[pad + tile:, pad + k * (tile + pad):pad + k * (tile + pad) + tile]
+        assert int((strip < 100).sum()) > 20
+
+
+def test_particle_labels():
+    assert particle_label(dict(id=3, status="final", mode="180", psnr=23.456)) == "p3 180\N{DEGREE SIGN} 23.46 dB"
+    assert particle_label(dict(id=0, status="final", mode="other", psnr=9.0)) == "p0 other 9.00 dB"
+    assert particle_label(dict(id=1, status="diverged", mode="0", psnr=5.5)) == "p1 diverged 5.50 dB"
+    assert particle_label(dict(id=2, status="final", mode="0")) == "p2 0\N{DEGREE SIGN}"   # no psnr asked
 
 
 # -- 12. the scripts announce the data they run on ------------------------------------------------------------
