@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -172,6 +173,30 @@ def test_file_broken_after_the_check(tmp_path, capsys):
     assert line.startswith(f"error: cannot read image {data / '01.png'}: ")
     assert line.endswith(f"; kept 1 finished measurement in {tmp_path / 'out' / 'run'}; rerun the same "
                          f"command to resume")
+
+
+@pytest.mark.parametrize("err,code,what", [
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                 "of 8 GiB\nof which ..."), 2,
+     "CUDA out of memory. Tried to allocate 2.00 GiB; lower batch_size or num_samples"),
+    (PermissionError(errno.EACCES, "Permission denied", "/r/units/00003.pt"), 2,
+     "[Errno 13] Permission denied: '/r/units/00003.pt'"),
+])
+def test_interrupt_and_out_of_memory_one_line(tmp_path, capsys, err, code, what):
+    (tmp_path / "units").mkdir()
+    for unit in ("00000", "00001"):
+        (tmp_path / "units" / f"{unit}.json").write_text("{}")
+
+    def run():
+        raise err
+
+    fake = SimpleNamespace(run=run, run_dir=SimpleNamespace(root=tmp_path))
+    with pytest.raises(SystemExit) as info:
+        cli_module().run_or_explain(fake)
+    assert info.value.code == code
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {what}; kept 2 finished measurements in {tmp_path}; rerun the same command to resume"]
 
 
 def test_atomic_write_names_the_file_on_a_full_disk(tmp_path, monkeypatch):
