@@ -104,7 +104,7 @@ class RunLock:
         who = f"pid {holder['pid']} on host {holder.get('host')}, started {holder.get('started')}"
         if holder.get("host") == socket.gethostname():
             return (f"{where} is in use by another run ({who}); wait for it to finish "
-                    f"or choose another name=...")
+                    f"or choose another name=... (if pid {holder['pid']} is no run, delete {self.path})")
         return (f"{where} is in use by another run ({who}) that cannot be checked from this host; "
                 f"if that run is dead, delete {self.path}")
 
