@@ -4,7 +4,10 @@ DAPS's command-line habits work: ``+data=test-imagenet +model=imagenet256ldm +ta
 +sampler=latent_edm_daps task_group=ldm`` (the ``+`` of a config group that already has a default
 is dropped before Hydra sees it), ``gpu=0``, ``batch_size=...``; ``num_runs>1`` asks for
 ``num_samples`` instead. Errors in the config, the data or the checkpoint end the run with one
-line on stderr and exit code 2, before anything is written.
+line on stderr and exit code 2, before anything is written. An error of the system during the run
+(a full disk, a permission, a file that became unreadable, CUDA out of memory) or Ctrl-C ends it
+with one line too, saying how many finished measurements the folder keeps: rerunning the same
+command resumes from there.
 """
 from __future__ import annotations
 
@@ -37,10 +40,28 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    merged = experiment.run()
+    merged = run_or_explain(experiment)
     if merged is not None:
         print(summary_table([merged]))
         print(f"results: {experiment.run_dir.root}")
+
+
+def run_or_explain(experiment) -> dict | None:
+    """``experiment.run()``; a system error or Ctrl-C -> one line on stderr, exit 2 (130 on Ctrl-C)."""
+    import torch  # noqa: PLC0415
+
+    try:
+        return experiment.run()
+    except (OSError, torch.cuda.OutOfMemoryError, KeyboardInterrupt) as err:
+        interrupted = isinstance(err, KeyboardInterrupt)
+        what = "interrupted" if interrupted else " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            what = ". ".join(what.split(". ")[:2]) + "; lower batch_size or num_samples"
+        root = experiment.run_dir.root
+        kept = len(list(root.glob("units/*.json")))
+        print(f"error: {what}; kept {kept} finished measurement{'' if kept == 1 else 's'} in {root}; "
+              f"rerun the same command to resume", file=sys.stderr)
+        sys.exit(130 if interrupted else 2)
 
 
 def _precheck(argv: list[str]) -> None:

@@ -37,7 +37,7 @@ run_experiment() {
       local data="data=test-$ds" model="model=${ds}256ldm"
       [[ "$ds" == ffhq ]] && model="model=ffhq256ldm"
       [[ "$ds" == imagenet ]] && model="model=imagenet256ldm"
-      echo ">>> $exp $ds --$n" >&2
+      echo ">>> $exp $label --$n (name=${exp}_${label}_n$n)" >&2   # the data actually used
       (cd "$ROOT" && "$PYTHON" posterior_sample.py "$data" "$model" "${fixed[@]}" \
         "data.start_id=0" "data.end_id=$n" "name=${exp}_${label}_n$n" \
         "save_dir=${TREEDAPS_SAVE_DIR:-results}" ${EXTRA_OVERRIDES:-} "${extra[@]}")

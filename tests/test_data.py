@@ -1,13 +1,17 @@
 """ImageFolderDataset: DAPS's file order and pixels, slicing, colour modes and error messages."""
 from pathlib import Path
 
+import struct
+import time
+import zlib
+
 import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from treedaps.data import ImageFolderDataset
+from treedaps.data import ImageFolderDataset, check_dataset, check_image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FFHQ = SHARED / "data" / "demo-ffhq"
@@ -149,3 +153,51 @@ def test_bad_ranges(tmp_path):
         ImageFolderDataset(tmp_path / "missing", start_id=5, end_id=1)
     ds = ImageFolderDataset(tmp_path, start_id=1, end_id=3, resolution=8)
     assert len(ds) == 2 and ds[0]["index"] == 1 and ds[1]["name"] == "2"
+
+
+def _png_rgb16(path, h=8, w=8):
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one; PIL opens it as 8-bit 'RGB')."""
+    raw = b"".join(b"\x00" + bytes(range(6 * w)) for _ in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_16_bit_rgb_png_refused(tmp_path):
+    path = _png_rgb16(tmp_path / "rgb16.png")
+    assert Image.open(path).mode == "RGB"        # what PIL would silently truncate
+    for read in (check_image, lambda p: ImageFolderDataset(tmp_path, resolution=8)[0]):
+        with pytest.raises(OSError, match=r"rgb16.png: ValueError: unsupported 'RGB' image \(RGB;16B: 16-bit"):
+            read(path)
+
+
+def test_check_finds_every_bad_file_without_decoding(tmp_path):
+    good = _save(tmp_path / "a.jpg", "RGB", (500, 375), (10, 200, 30))
+    data = good.read_bytes()
+    (tmp_path / "b_truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "c_text.png").write_bytes(b"not a png")
+    check_image(good)
+    for name in ("b_truncated.jpg", "c_text.png"):
+        with pytest.raises(OSError, match=rf"^cannot read image .*{name}: "):
+            check_image(tmp_path / name)
+    with pytest.raises(OSError, match="b_truncated.jpg"):     # the first bad file of the range
+        check_dataset(ImageFolderDataset(tmp_path, resolution=8), (3, 8, 8))
+    check_dataset(ImageFolderDataset(tmp_path, resolution=8, end_id=1), (3, 8, 8))
+    with pytest.raises(ValueError, match=r"images are \(3, 8, 8\) but the model works on \(3, 32, 32\)"):
+        check_dataset(ImageFolderDataset(tmp_path, resolution=8, end_id=1), (3, 32, 32))
+
+
+@needs_imagenet
+def test_check_of_100_images_is_cheap(tmp_path):
+    for k in range(100):   # ten ImageNet JPEGs (333 x 500 to 1203 x 900), ten times each
+        src = sorted(IMAGENET.iterdir())[k % 10]
+        (tmp_path / f"{k:03d}{src.suffix}").write_bytes(src.read_bytes())
+    ds = ImageFolderDataset(tmp_path)
+    t0 = time.perf_counter()
+    ds.check()
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 3.0, f"checking 100 images took {elapsed:.2f} s"

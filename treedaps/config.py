@@ -1,12 +1,16 @@
 """Validation of the merged Hydra config, and its translation into the typed pieces the code uses.
 
-Every check raises ``ConfigError`` with one line that names the key, before any heavy work.
+Every check raises ``ConfigError`` with one line that names the key, before any heavy work. Every
+number anywhere in the config must be finite: ``repulsion_scale=nan`` would otherwise compare
+false with every bound and silently mean "off".
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .mcmc import MCMCConfig
 from .modes import ModeThresholds
@@ -34,6 +38,10 @@ SCHEMA: dict[str, set | None] = {
                      "noise_factor", "start", "schedule", "budget", "final_reserve"},
 }
 METRICS = ("psnr", "ssim", "lpips")
+# Keys read as numbers (a string there would fail inside float() without naming the key).
+NUMBERS = ("seed", "num_samples", "batch_size", "num_runs", "repulsion_scale", "pruning_step",
+           "optimization_step", "branch_timestep", "modes.min_psnr", "modes.margin",
+           "sampler.annealing_scheduler_config.sigma_max")
 
 
 def _fail(msg: str):
@@ -49,6 +57,32 @@ def check_keys(cfg: DictConfig) -> None:
             for sub in cfg[key].keys():
                 if sub not in allowed:
                     _fail(f"unknown config key '{key}.{sub}' (known: {', '.join(sorted(allowed))})")
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Refuse nan / inf in any key of the resolved config (one line naming the key)."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        _fail(f"cannot resolve the config: {' '.join(str(err).split())}")
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(f"{key}={value} is not a finite number")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for k, v in items:
+            walk(v, f"{key}.{k}" if isinstance(k, str) else f"{key}[{k}]")
+
+    for k, v in values.items():
+        walk(v, str(k))
+    group = f"task.{cfg.get('task_group')}.mcmc_sampler_config"
+    numbers = [*NUMBERS, *(f"{group}.{k}" for k in ("num_steps", "lr", "tau", "lr_min_ratio")),
+               *(f"sampler.{s}_scheduler_config.{k}" for s in ("annealing", "diffusion")
+                 for k in ("num_steps", "sigma_min"))]
+    for key in numbers:
+        value = OmegaConf.select(cfg, key, default=0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(f"{key} must be a number, got {value!r}")
 
 
 def _poly(scheduler: DictConfig, where: str) -> int:
@@ -76,6 +110,7 @@ class Settings:
 def validate(cfg: DictConfig) -> Settings:
     """Check every key the run uses; one-line ``ConfigError`` on the first problem."""
     check_keys(cfg)
+    check_finite(cfg)
     if cfg.data.get("name") == "demo" and cfg.model.get("name") != "toy":
         _fail(f"data=demo holds the embedded prior's own images: it needs model=toy, not "
               f"model.name={cfg.model.get('name')!r}")

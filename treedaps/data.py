@@ -23,8 +23,13 @@ grey ``L`` / ``1`` images give three equal channels (the same pixels as DAPS's r
 ``P`` images give their palette colours (DAPS would give palette indices); ``RGBA`` / ``LA``
 images drop the alpha channel and keep the stored colours, without compositing on any background
 (DAPS would give 4 channels); ``CMYK`` / ``YCbCr`` use PIL's conversion. 16-bit and float images
-(modes ``I``, ``I;16*``, ``F``) are refused with an error naming the file, because PIL's RGB
-conversion would clip them to 8 bits.
+(modes ``I``, ``I;16*``, ``F``, and 16-bit RGB PNGs, which PIL opens as ``RGB``) are refused
+with an error naming the file, because PIL's conversion would clip or truncate them to 8 bits.
+
+``check_dataset`` runs before any sampling and opens every file of the selected range without a
+full decode (PNG: chunk checksums, ``verify``; JPEG: a 1/8-scale draft decode, which still reads
+the whole stream and so finds truncation): a corrupt or non-image file anywhere in the range ends
+the run with one line naming it before anything is sampled (~2 ms per ImageNet JPEG).
 """
 from __future__ import annotations
 
@@ -50,13 +55,35 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(root).rglob("*") if p.suffix in IMAGE_SUFFIXES and p.is_file())
 
 
+def _refuse_high_depth(im: Image.Image) -> None:
+    """16-bit / float modes, and 16-bit-per-channel files that PIL opens as 8-bit modes (raw ``;16``)."""
+    raw = im.tile[0][3] if im.tile else ""
+    raw = raw[0] if isinstance(raw, tuple) and raw else raw
+    if im.mode.startswith(_HIGH_DEPTH_MODES) or (isinstance(raw, str) and ";16" in raw):
+        raise ValueError(f"unsupported {im.mode!r} image ({raw or im.mode}: 16-bit or float); "
+                         f"save it as 8-bit RGB")
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Cheap check that ``load_image`` will read this file (see the module doc); ``OSError`` naming it."""
+    try:
+        with Image.open(path) as im:
+            _refuse_high_depth(im)
+            if im.format == "JPEG":
+                im.draft("RGB", (1, 1))   # decode at 1/8 scale: the whole stream is still read
+                im.load()
+            else:
+                im.verify()
+    except Exception as e:
+        raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
 def load_image(path: str | os.PathLike, resolution: int = 256, antialias: bool = True) -> torch.Tensor:
     """One image file -> float32 tensor (3, resolution, resolution) in [-1, 1] (see module doc)."""
     try:
         with Image.open(path) as im:
+            _refuse_high_depth(im)
             im.load()
-            if im.mode.startswith(_HIGH_DEPTH_MODES):
-                raise ValueError(f"unsupported {im.mode!r} image (16-bit or float); save it as 8-bit RGB")
             rgb = im if im.mode == "RGB" else im.convert("RGB")
             x = TF.to_tensor(rgb)
     except Exception as e:
@@ -122,6 +149,11 @@ class ImageFolderDataset(Dataset):
     def get_shape(self) -> tuple[int, int, int]:
         return (3, self.resolution, self.resolution)
 
+    def check(self) -> None:
+        """Every file of the range opens as an 8-bit image (``check_image``), in order."""
+        for path in self.files:
+            check_image(path)
+
 
 class DemoDataset(Dataset):
     """Ground truths of the embedded demo: components ``start_id .. end_id - 1`` of the toy prior.
@@ -145,6 +177,22 @@ class DemoDataset(Dataset):
             raise IndexError(i)
         index = self.start_id + i
         return {"index": index, "name": f"demo{index:03d}", "image": self.images[index].detach().cpu()}
+
+    def get_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def check(self) -> None:
+        """The demo's images are tensors of the prior itself: nothing to read."""
+
+
+def check_dataset(dataset, image_shape) -> None:
+    """Before any sampling: the images' size after resizing is the model's, and every file of the
+    selected range is a readable 8-bit image (one-line error naming the first bad file)."""
+    got = tuple(dataset.get_shape())
+    if got != tuple(image_shape):
+        raise ValueError(f"images are {got} but the model works on {tuple(image_shape)}: "
+                         f"set data.resolution={image_shape[-1]}")
+    dataset.check()
 
 
 def build_dataset(cfg, model=None) -> Dataset:

@@ -54,23 +54,23 @@ def build_plan(cfg: DictConfig, model: LatentModel, annealing: AnnealingConfig,
     levels = model.noise_levels
     out = ResolvedPlan(plan=PhasePlan(num_steps=annealing.num_steps, branch_step=annealing.num_steps))
 
-    def resolve(name: str, t: float) -> ResolvedStep:
-        r = resolve_timestep(float(t), sigmas, levels, what=name)
+    def resolve(name: str, t: float, off: str | None = None) -> ResolvedStep:
+        r = resolve_timestep(float(t), sigmas, levels, what=name, off=off)
         out.resolved[name] = r.as_dict()
         return r
 
     plan = out.plan
     plan.branch_step = resolve("branch_timestep", cfg.branch_timestep).step
     if float(cfg.pruning_step) != -1:
-        plan.prune_step = resolve("pruning_step", cfg.pruning_step).step
+        plan.prune_step = resolve("pruning_step", cfg.pruning_step, off="-1").step
         plan.prune_dry_run = bool(cfg.get("pruning", {}).get("dry_run", False))
     first_opt = None
     if float(cfg.optimization_step) != -1:
-        first_opt = resolve("optimization_step", cfg.optimization_step).step
+        first_opt = resolve("optimization_step", cfg.optimization_step, off="-1").step
         if optimize_steps_fn is not None:
             plan.optimize_steps = frozenset(optimize_steps_fn(first_opt, annealing.num_steps))
     if float(cfg.repulsion_scale) > 0:
-        end = resolve("repulsion.end_timestep", cfg.repulsion.end_timestep).step
+        end = resolve("repulsion.end_timestep", cfg.repulsion.end_timestep, off="repulsion_scale=0").step
         if first_opt is not None and first_opt < end:
             out.notes.append(f"repulsion would last until step {end}; it ends at the optimization "
                              f"step {first_opt} instead (latent optimisation runs without repulsion)")

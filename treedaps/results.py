@@ -2,7 +2,8 @@
 
 Layout of ``save_dir/name/``::
 
-    config.yaml            merged config + overrides + git revision + config hash (rank 0)
+    .lock                  pid, host and start time of the run writing here (rank 0; runlock.py)
+    config.yaml            merged config, config hash, every invocation (overrides, git revision, host)
     units/<unit>.json      one finished measurement run (image index, seed): metrics, logs
     units/<unit>.pt        its particles' final images and latents (+ retired particles)
     samples/<unit>_p<id>.png, grids/<unit>.png
@@ -13,23 +14,55 @@ half a file. A measurement counts as finished when its ``units/<unit>.json`` exi
 same command skips finished measurements only if the config hash matches, otherwise it fails and
 names the differing keys. Keys that do not change any measurement's numbers (the data range, the
 run name, bookkeeping) are left out of the hash, so ``--1`` then ``--10`` extends the same run.
+The hash is canonical: numbers count by value (``0``, ``0.0`` and ``0.00`` are one value, as a
+script and the default write them), but a boolean is never a number (``True`` != ``1``).
+Files get the mode the umask allows (``0o666 & ~umask``), as ``open`` would give them; temporary
+files left by a killed run are removed when the next run starts.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
+import math
 import os
+import re
+import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 import yaml
 
+from .runlock import RunLock
+
+log = logging.getLogger("treedaps")
 # Keys that select which measurements run or where/how results are written, not their numbers.
 HASH_EXCLUDED = ("data.start_id", "data.end_id", "name", "save_dir", "gpu", "save_samples",
                  "save_grids", "progress", "report")
+
+
+# Names of atomic_write_bytes's temporary files: ".<name>." + mkstemp's 8 random characters + ".tmp".
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else set and reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()   # what open() would give; mkstemp alone gives 0o600
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -37,11 +70,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:   # a full disk says which file it was writing
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -57,14 +97,55 @@ def atomic_torch_save(path: Path, obj) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def atomic_save_png(path: Path, images: torch.Tensor, nrow: int = 8) -> None:
-    """Images in [-1, 1], (B, 3, H, W) or (3, H, W)."""
-    from torchvision.utils import save_image  # noqa: PLC0415 - torchvision only for pictures
+def _to_pil(image: torch.Tensor):
+    """(3, H, W) in [-1, 1] -> 8-bit PIL image (rounded as torchvision's save_image rounds)."""
+    from PIL import Image  # noqa: PLC0415 - PIL only for pictures
 
+    x = ((image.detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255)
+    return Image.fromarray(x.to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def _save_pil(path: Path, picture) -> None:
     buf = io.BytesIO()
-    save_image((images.detach().float().cpu() * 0.5 + 0.5).clamp(0, 1), buf, format="png", nrow=nrow,
-               padding=2, pad_value=1.0)
+    picture.save(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_png(path: Path, image: torch.Tensor) -> None:
+    """One image in [-1, 1], (3, H, W), at its own resolution."""
+    _save_pil(path, _to_pil(image))
+
+
+def particle_label(row: dict) -> str:
+    """``p<id> <mode> <psnr> dB`` for a grid tile (``diverged`` in place of the mode)."""
+    mode = "diverged" if row.get("status") == "diverged" else row.get("mode", "?")
+    mode = f"{mode}\N{DEGREE SIGN}" if str(mode).isdigit() else mode
+    psnr = f" {row['psnr']:.2f} dB" if isinstance(row.get("psnr"), float) else ""
+    return f"p{row['id']} {mode}{psnr}"
+
+
+def save_grid(path: Path, tiles: list[torch.Tensor], labels: list[str], min_size: int = 128) -> None:
+    """One row of tiles (each (3, H, W) in [-1, 1]) with its label under each tile. Tiles smaller
+    than ``min_size`` px are enlarged by an integer factor with nearest neighbours (pixels stay
+    visible); PIL's default font, sized to the tiles."""
+    from PIL import Image, ImageDraw, ImageFont  # noqa: PLC0415
+
+    h, w = tiles[0].shape[-2:]
+    k = max(1, math.ceil(min_size / min(h, w)))
+    th, tw = h * k, w * k
+    try:
+        font = ImageFont.load_default(size=max(12, tw // 16))
+    except (TypeError, ImportError, OSError):   # Pillow without FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    pad, text_h = 4, font.getbbox("Ag|(")[3] + 6
+    canvas = Image.new("RGB", (pad + len(tiles) * (tw + pad), th + text_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, label) in enumerate(zip(tiles, labels)):
+        x = pad + i * (tw + pad)
+        canvas.paste(_to_pil(tile).resize((tw, th), Image.NEAREST), (x, pad))
+        draw.text((x + max(0.0, (tw - draw.textlength(label, font=font)) / 2), pad + th + 3), label,
+                  fill="black", font=font)
+    _save_pil(path, canvas)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -78,10 +159,37 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def canonical(value):
+    """One spelling per value: an integral float is an int (0.0 -> 0, -0.0 -> 0), bools stay bools
+    (True is not 1), containers recursively; anything else that is not JSON becomes its str."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else value
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return str(value)
+
+
+def hashed_values(config: dict) -> dict:
+    """The flattened, canonical values the hash covers (every key but ``HASH_EXCLUDED``)."""
+    return {k: canonical(v) for k, v in flatten(config).items() if k not in HASH_EXCLUDED}
+
+
 def config_hash(config: dict) -> str:
-    """Hash of the resolved config, without the keys in ``HASH_EXCLUDED``."""
-    flat = {k: v for k, v in flatten(config).items() if k not in HASH_EXCLUDED}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of the resolved config's canonical values, without the keys in ``HASH_EXCLUDED``."""
+    flat = hashed_values(config)
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) of every hashed key whose canonical value differs."""
+    a, b = hashed_values(old), hashed_values(new)
+    absent = "<absent>"
+    same = lambda k: json.dumps(a.get(k, absent)) == json.dumps(b.get(k, absent))  # noqa: E731 - True != 1
+    return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b)) if not same(k)]
 
 
 def git_revision() -> str | None:
@@ -111,27 +219,61 @@ class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.units = self.root / "units"
+        self.lock = RunLock(self.root / ".lock")
 
     def check_or_init(self, config: dict, overrides: list[str], write: bool = True) -> str:
-        """Write config.yaml, or check that a previous run in this folder used the same config."""
+        """Write config.yaml, or check that a previous run in this folder used the same config.
+
+        ``write`` (rank 0) also locks the folder first (``runlock.RunLock``; a second run refuses)
+        and removes temporary files a killed run left behind."""
+        if write:
+            self.lock.acquire()
+        try:
+            return self._check_or_init(config, overrides, write)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _check_or_init(self, config: dict, overrides: list[str], write: bool) -> str:
         digest = config_hash(config)
         path = self.root / "config.yaml"
-        if path.exists():
-            old = yaml.safe_load(path.read_text()) or {}
-            old_cfg = old.get("config", {})
-            if old.get("config_hash") != digest:
-                a = {k: v for k, v in flatten(old_cfg).items() if k not in HASH_EXCLUDED}
-                b = {k: v for k, v in flatten(config).items() if k not in HASH_EXCLUDED}
-                diff = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-                shown = ", ".join(f"{k} ({a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r})" for k in diff[:8])
+        old = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+        if old and old.get("config_hash") != digest:
+            # A hash from an older spelling of the same values (0 vs 0.0) is not a mismatch.
+            diff = config_diff(old.get("config", {}), config)
+            if diff:
+                shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diff[:8])
                 raise ConfigMismatch(
                     f"{self.root} holds results of a different config; differing keys: {shown}"
-                    f"{' ...' if len(diff) > 8 else ''}. Use another name=... or delete the folder")
+                    f"{f' and {len(diff) - 8} more' if len(diff) > 8 else ''}. Use another name=... "
+                    f"or delete the folder")
         if write:
-            record = dict(config_hash=digest, git_revision=git_revision(), overrides=list(overrides),
+            removed = self.remove_temp_files(before=self.lock.started)
+            if removed:
+                log.info("removed %d temporary file(s) left in %s by an interrupted run", removed, self.root)
+            invocation = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), overrides=list(overrides),
+                              git_revision=git_revision(), host=socket.gethostname())
+            record = dict(config_hash=digest, git_revision=invocation["git_revision"],
+                          overrides=list(overrides), invocations=[*_invocations(old), invocation],
                           config=config)
             atomic_write_bytes(path, yaml.safe_dump(record, sort_keys=False).encode())
         return digest
+
+    def unlock(self) -> None:
+        self.lock.release()
+
+    def remove_temp_files(self, before: float) -> int:
+        """Delete our temporary files (``TEMP_NAME``) older than ``before`` (epoch seconds) in the
+        run folder and its subfolders; newer ones may belong to another rank that is writing."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        for folder in (self.root, *(p for p in self.root.iterdir() if p.is_dir())):
+            for p in folder.iterdir():
+                if TEMP_NAME.match(p.name) and p.is_file() and p.stat().st_mtime < before:
+                    p.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def unit_json(self, unit: str) -> Path:
         return self.units / f"{unit}.json"
@@ -153,3 +295,12 @@ class RunDir:
             except json.JSONDecodeError as err:
                 raise ValueError(f"unit file {p} is not valid JSON ({err}); delete it to rerun that unit") from err
         return records
+
+
+def _invocations(old: dict) -> list[dict]:
+    """Earlier invocations of config.yaml (a file from before the history keeps its one command)."""
+    if "invocations" in old:
+        return list(old["invocations"] or [])
+    if "overrides" in old:
+        return [dict(time=None, overrides=old["overrides"], git_revision=old.get("git_revision"), host=None)]
+    return []

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import Settings, to_container, validate
-from .data import build_dataset
+from .data import build_dataset, check_dataset
 from .device import Device, select_device
 from .metrics import Lpips, default_lpips, evaluate
 from .models import build_model
@@ -26,7 +26,8 @@ from .modes import coverage, label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
 from .record import merge, phase_memory, phase_times
-from .results import RunDir, atomic_save_png, atomic_write_json, git_revision, unit_name
+from .results import (RunDir, atomic_save_png, atomic_write_json, git_revision, particle_label, save_grid,
+                      unit_name)
 from .rng import measurement_generator
 from .sampler import SampleOutput, sample
 from .search import build_search
@@ -58,7 +59,7 @@ class Experiment:
         else:
             self.dataset = build_dataset(cfg.data)
             self.model = build_model(cfg.model, self.device)
-        self._check_image_size()
+        check_dataset(self.dataset, self.model.image_shape)   # every file, before any sampling
         self.weights_mb = self.device.current_allocated_mb()
         self.search = build_search(cfg, self.model, self.settings, self.device)
         self.plan: ResolvedPlan = build_plan(cfg, self.model, self.settings.annealing,
@@ -76,12 +77,6 @@ class Experiment:
                                                       write=self.rank.is_main)
         self.lpips: Lpips | None = default_lpips() if "lpips" in self.settings.metrics else None
 
-    def _check_image_size(self) -> None:
-        got = tuple(self.dataset[0]["image"].shape)
-        if got != tuple(self.model.image_shape):
-            raise ValueError(f"images are {got} but the model works on {tuple(self.model.image_shape)}: "
-                             f"set data.resolution={self.model.image_shape[-1]}")
-
     # -- the run -------------------------------------------------------------------------------------
     def units(self) -> list[tuple[int, int]]:
         """(dataset position, seed) of every measurement run of this rank still to do."""
@@ -94,7 +89,21 @@ class Experiment:
         return unit_name(self.dataset.start_id + pos, seed, int(self.cfg.seed))
 
     def run(self) -> dict | None:
+        try:
+            return self._run()
+        finally:
+            self.run_dir.unlock()
+
+    def _log_resume(self, todo: list[tuple[int, int]]) -> None:
+        mine = self.rank.shard([(i, s) for i in range(len(self.dataset)) for s in self.settings.seeds])
+        skipped = [self._unit(u) for u in mine if u not in todo]
+        if skipped:
+            log.info("resume: %d of %d measurements already done (skipped: %s%s)", len(skipped), len(mine),
+                     ", ".join(skipped[:10]), ", ..." if len(skipped) > 10 else "")
+
+    def _run(self) -> dict | None:
         todo = self.units()
+        self._log_resume(todo)
         batch = int(self.cfg.batch_size)
         show = bool(self.cfg.progress) and self.rank.is_main
         bar = tqdm(total=len(todo), desc="measurements", disable=not show, dynamic_ncols=True)
@@ -212,7 +221,7 @@ class Experiment:
             vram=phase_memory(telemetry.steps, self.plan.plan),
             peak_reserved_mb=telemetry.peak_reserved_mb,
             compute={k: {kk: vv / n for kk, vv in v.items()} for k, v in telemetry.compute_counts().items()},
-            resolved=self.plan.resolved, notes=self.plan.notes,
+            resolved=self.plan.resolved, notes=self.plan.notes, config_hash=self.config_hash,
             particle_steps=self.plan.particle_steps(int(self.cfg.num_samples), int(self.cfg.pruning.num_keep)),
         )
 
@@ -222,8 +231,8 @@ class Experiment:
             for row, img in zip(scored, images):
                 atomic_save_png(self.run_dir.root / "samples" / f"{unit}_p{row['id']}.png", img)
         if self.cfg.save_grids and images:
-            grid = torch.stack([gt, measurement_picture(y, gt.shape[-2:]), *images])
-            atomic_save_png(self.run_dir.root / "grids" / f"{unit}.png", grid, nrow=len(grid))
+            save_grid(self.run_dir.root / "grids" / f"{unit}.png", [gt, measurement_picture(y, gt.shape[-2:]),
+                      *images], ["truth", "|y| (log)", *map(particle_label, scored)])
 
     def merge(self) -> dict:
         # Only this config's range and seeds: an earlier, larger run in the folder is not mixed in.

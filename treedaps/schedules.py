@@ -72,11 +72,12 @@ class ResolvedStep:
 
 
 def resolve_timestep(t: float, sigmas: torch.Tensor, noise_levels: NoiseLevels,
-                     what: str = "timestep") -> ResolvedStep:
+                     what: str = "timestep", off: str | None = None) -> ResolvedStep:
     """The annealing step whose noise level is nearest to timestep ``t`` (in t units).
 
     The visited range is [t(sigmas[num_steps - 1]), t(sigmas[0])]; a timestep outside it is an
-    error, never snapped to the nearest end.
+    error, never snapped to the nearest end. ``off`` is how to switch the key off, where it can be
+    (``"-1"``); the error suggests it only then.
     """
     num_steps = len(sigmas) - 1
     ts = np.array([noise_levels.timestep_float(float(s)) for s in sigmas[:num_steps]])
@@ -85,7 +86,8 @@ def resolve_timestep(t: float, sigmas: torch.Tensor, noise_levels: NoiseLevels,
         raise ValueError(
             f"{what}={t:g} is outside the timesteps this schedule visits ({lo:.1f} .. {hi:.1f} under "
             f"sigma_mapping={noise_levels.name!r}, sigma {float(sigmas[num_steps - 1]):.4g} .. "
-            f"{float(sigmas[0]):.4g}); choose a timestep in that range or -1 to switch it off")
+            f"{float(sigmas[0]):.4g}); choose a timestep in that range"
+            + (f" or {off} to switch it off" if off else ""))
     step = int(np.argmin(np.abs(ts - t)))
     return ResolvedStep(timestep=float(t), step=step, sigma=float(sigmas[step]),
                         step_timestep=float(ts[step]), fraction_before=step / num_steps)
