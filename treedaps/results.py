@@ -29,7 +29,7 @@ import yaml
 
 # Keys that select which measurements run or where/how results are written, not their numbers.
 HASH_EXCLUDED = ("data.start_id", "data.end_id", "name", "save_dir", "gpu", "save_samples",
-                 "save_grids", "progress", "report")
+                 "save_grids", "progress", "report", "threads", "dist_timeout_min")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
