@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .whl
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl hydra-core==1.3.8 omegaconf==2.3.1 diffusers==0.42.1 piq==0.8.0
+  -c requirements/ci.txt -d .whl hydra-core omegaconf diffusers piq
 # antlr4-python3-runtime 4.9.3 (what omegaconf 2.3 needs) is an sdist only: build a wheel of it.
-python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+python3 -m pip wheel --no-deps -c requirements/ci.txt -w .whl antlr4-python3-runtime
 ls -la .whl

@@ -3,14 +3,32 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+
+from treedaps import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["device=cpu", "data.end_id=3", "sampler.annealing_scheduler_config.num_steps=3",
         "task.ldm.mcmc_sampler_config.num_steps=3", "progress=false", "eval_fn_list=[psnr]",
         "save_samples=false", "save_grids=false"]
+
+
+@pytest.mark.parametrize("minutes", [None, 90])
+def test_process_group_gets_the_configured_timeout(monkeypatch, minutes):
+    """The barrier waits dist_timeout_min (default 6 h), not PyTorch's 10 min, for uneven shards."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kw: calls.append((backend, kw)))
+    rank = distributed.init() if minutes is None else distributed.init(timeout_min=minutes)
+    assert rank == distributed.Rank(1, 2, 1)
+    assert len(calls) == 1 and calls[0][1] == {"timeout": timedelta(minutes=minutes or 360)}
 
 
 def run(cmd, tmp):

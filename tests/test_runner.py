@@ -82,6 +82,7 @@ def test_metrics_json(first_run):
     meta = on_disk["metadata"]
     on_gpu = torch.cuda.is_available()   # device=auto: the GPU check runs this file on CUDA too
     assert meta["device"]["type"] == ("cuda" if on_gpu else "cpu")
+    assert meta["device"]["deterministic"] is True and meta["device"]["deterministic_algorithms"] is True
     assert "peak_vram_mb" in meta["gpu"]
     assert (meta["gpu"]["peak_vram_mb"] > 0) if on_gpu else (meta["gpu"]["peak_vram_mb"] is None)
     assert meta["num_units"] == 2 and meta["num_samples"] == 2
@@ -206,6 +207,9 @@ BAD = [
     (["num_samples=2", "pruning_step=300"], ConfigError, "nothing to prune"),
     (["task.ldm.mcmc_sampler_config.mc_algo=mala"], ConfigError, "algo"),
     (["eval_fn_list=[psnr,fid]"], ConfigError, "unknown metric 'fid'"),
+    (["deterministic=maybe"], ConfigError, "deterministic must be true or false"),
+    (["threads=0"], ConfigError, "threads must be auto or an integer >= 1"),
+    (["dist_timeout_min=0"], ConfigError, "dist_timeout_min .* must be > 0"),
 ]
 
 

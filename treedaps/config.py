@@ -29,7 +29,8 @@ SCHEMA: dict[str, set | None] = {
     "repulsion_scale": set(), "pruning_step": set(), "optimization_step": set(),
     "branch_timestep": set(), "use_tpu": set(), "device": set(), "gpu": set(), "batch_size": set(),
     "num_runs": set(), "task_group": set(), "eval_fn_list": set(), "save_samples": set(),
-    "save_grids": set(), "progress": set(),
+    "save_grids": set(), "progress": set(), "deterministic": set(), "threads": set(),
+    "dist_timeout_min": set(),
     "modes": {"min_psnr", "margin"},
     "telemetry": {"diagnostics", "pairwise_matrices"},
     "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
@@ -131,6 +132,14 @@ def validate(cfg: DictConfig) -> Settings:
         _fail(f"branch_timestep is a diffusion timestep in [0, 1000), got {cfg.branch_timestep}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         _fail(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if not isinstance(cfg.deterministic, bool):
+        _fail(f"deterministic must be true or false, got {cfg.deterministic!r}")
+    if cfg.threads != "auto" and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
+                                  or cfg.threads < 1):
+        _fail(f"threads must be auto or an integer >= 1, got {cfg.threads!r}")
+    if isinstance(cfg.dist_timeout_min, bool) or not isinstance(cfg.dist_timeout_min, (int, float)) \
+            or not cfg.dist_timeout_min > 0:
+        _fail(f"dist_timeout_min (minutes a rank waits for the others) must be > 0, got {cfg.dist_timeout_min!r}")
     metrics = tuple(cfg.eval_fn_list)
     for m in metrics:
         if m not in METRICS:

@@ -1,7 +1,14 @@
 """Everything that differs between CUDA, PyTorch/XLA (TPU) and the CPU, in one place.
 
-* selection: ``device=auto`` takes CUDA when present, else the CPU; ``cuda`` / ``cuda:N`` / ``gpu=N``
-  fail clearly without CUDA; ``use_tpu=true`` imports ``torch_xla`` (only then).
+* selection: ``device=auto`` takes CUDA when present, else the CPU (with a WARNING); ``cuda`` /
+  ``cuda:N`` / ``gpu=N`` fail clearly without CUDA; ``use_tpu=true`` imports ``torch_xla`` (only
+  then) and tells "not installed" from "incompatible with this torch" (docs/tpu.md).
+* determinism (``deterministic=true``, DAPS sets ``cudnn.deterministic``): cuDNN deterministic and no
+  benchmark, ``use_deterministic_algorithms(True, warn_only=True)``, ``CUBLAS_WORKSPACE_CONFIG``,
+  and only the math attention kernel (flash / memory-efficient / cuDNN attention have
+  non-deterministic backward passes); ``false``: PyTorch's defaults.
+* CPU threads (``threads=auto``): 1 for the embedded toy prior on the CPU (tiny tensors: more threads
+  only contend, README "Timings"), PyTorch's default otherwise; an integer sets it.
 * random numbers: CUDA and CPU use per-particle ``torch.Generator`` objects on the device. XLA has
   no per-device generators, so particles draw on the host (CPU generators) and the draws are
   copied to the TPU: streams are then identical to a CPU run's.
@@ -15,10 +22,16 @@
 """
 from __future__ import annotations
 
+import importlib.metadata
+import logging
+import os
 import platform
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger("treedaps")
+CUBLAS_WORKSPACE = ":4096:8"     # what cuBLAS needs for reproducible results (CUDA docs, "Reproducibility")
 
 
 @dataclass
@@ -26,6 +39,7 @@ class Device:
     kind: str                      # "cuda" | "cpu" | "xla"
     torch_device: torch.device
     _xm: object = field(default=None, repr=False)
+    deterministic: bool | None = None   # the flag apply_determinism was called with (None: never)
 
     # -- random numbers ------------------------------------------------------------------------
     def generator(self, seed: int) -> torch.Generator:
@@ -91,21 +105,129 @@ class Device:
                         tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
                         tf32_cudnn=torch.backends.cudnn.allow_tf32)
         elif self.kind == "cpu":
-            info.update(name=platform.processor() or "cpu", threads=torch.get_num_threads())
+            info.update(name=f"{platform.processor() or platform.machine() or 'cpu'}, {os.cpu_count()} cores")
+        info.update(threads=torch.get_num_threads(), deterministic=self.deterministic,
+                    **determinism_flags())
         return info
 
+    def startup_line(self) -> str:
+        """One line for the log: device, its name and the precision / determinism / thread flags."""
+        d = self.describe()
+        where = str(self.torch_device) + (f" ({d['name']})" if d["name"] != str(self.torch_device) else "")
+        tf32 = (f"tf32 matmul={d['tf32_matmul']} cudnn={d['tf32_cudnn']}, " if self.kind == "cuda" else "")
+        sdp = "+".join(k for k in ("flash", "mem_efficient", "cudnn", "math") if d["sdp"].get(k)) or "none"
+        return (f"device: {where}; {tf32}cudnn.deterministic={d['cudnn_deterministic']} "
+                f"benchmark={d['cudnn_benchmark']}, deterministic algorithms="
+                f"{d['deterministic_algorithms']}{' (warn only)' if d['deterministic_warn_only'] else ''}, "
+                f"attention kernels {sdp}, threads={d['threads']}")
 
-def select_device(device: str = "auto", gpu: int | None = None, use_tpu: bool = False) -> Device:
-    """Resolve the run's device; clear one-line errors for what this machine cannot do."""
-    if use_tpu:
-        try:
-            import torch_xla.core.xla_model as xm  # noqa: PLC0415 - imported only for TPU runs
-        except ImportError as err:
+
+def determinism_flags() -> dict:
+    """The global flags apply_determinism sets, read back from torch (recorded in metrics.json)."""
+    cuda = torch.backends.cuda
+    sdp = {"flash": cuda.flash_sdp_enabled(), "mem_efficient": cuda.mem_efficient_sdp_enabled(),
+           "math": cuda.math_sdp_enabled()}
+    if hasattr(cuda, "cudnn_sdp_enabled"):       # torch >= 2.4
+        sdp["cudnn"] = cuda.cudnn_sdp_enabled()
+    return dict(cudnn_deterministic=torch.backends.cudnn.deterministic,
+                cudnn_benchmark=torch.backends.cudnn.benchmark,
+                deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+                deterministic_warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+                cublas_workspace_config=os.environ.get("CUBLAS_WORKSPACE_CONFIG"), sdp=sdp)
+
+
+def apply_determinism(flag: bool) -> None:
+    """true: reproducible kernels where PyTorch has them (ops without one warn, not fail); false:
+    PyTorch's defaults. CUBLAS_WORKSPACE_CONFIG must be set before the first cuBLAS call; a value
+    the user set is kept."""
+    if flag:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.deterministic = flag
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(flag, warn_only=flag)
+    cuda = torch.backends.cuda
+    cuda.enable_flash_sdp(not flag)
+    cuda.enable_mem_efficient_sdp(not flag)
+    if hasattr(cuda, "enable_cudnn_sdp"):        # torch >= 2.4
+        cuda.enable_cudnn_sdp(not flag)
+    cuda.enable_math_sdp(True)
+
+
+def resolve_threads(threads: int | str, kind: str, model: str | None) -> int | None:
+    """Threads for CPU-side work, or None for PyTorch's default. ``auto``: 1 for the toy prior on
+    the CPU (README "Timings"), else the default (also when OMP_NUM_THREADS is set: the user's)."""
+    if threads == "auto":
+        if "OMP_NUM_THREADS" in os.environ or kind != "cpu" or model != "toy":
+            return None
+        return 1
+    if isinstance(threads, bool) or not str(threads).isdigit() or int(threads) < 1:
+        raise ValueError(f"threads must be auto or an integer >= 1, got {threads!r}")
+    return int(threads)
+
+
+def _import_xla():
+    """torch_xla.core.xla_model, or a one-line error: "not installed" only when it is absent."""
+    try:
+        import torch_xla  # noqa: PLC0415 - imported only for TPU runs
+        import torch_xla.core.xla_model as xm  # noqa: PLC0415
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] == "torch_xla" and _xla_version() is None:
             raise RuntimeError(f"use_tpu=true needs PyTorch/XLA (torch_xla), which is not installed "
-                               f"here ({err}); install torch_xla or drop use_tpu") from None
+                               f"here ({err}); install it as docs/tpu.md says, or drop use_tpu") from None
+        raise RuntimeError(_xla_mismatch(_xla_version(), err)) from None
+    except (ImportError, OSError) as err:           # e.g. "undefined symbol" from _XLAC.so
+        raise RuntimeError(_xla_mismatch(_xla_version(), err)) from None
+    version = getattr(torch_xla, "__version__", None) or _xla_version()
+    if version is not None and _minor(version) != _minor(torch.__version__):
+        raise RuntimeError(_xla_mismatch(version, None))
+    return xm
+
+
+def _xla_version() -> str | None:
+    try:
+        return importlib.metadata.version("torch_xla")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _xla_mismatch(version: str | None, err: BaseException | None) -> str:
+    why = f" ({type(err).__name__}: {' '.join(str(err).split())[:200]})" if err else ""
+    if version is not None and _minor(version) != _minor(torch.__version__):
+        return (f"use_tpu=true: torch_xla {version} and torch {torch.__version__} are incompatible "
+                f"(torch_xla {_minor(version)} needs torch {_minor(version)}){why}; install a matching "
+                f"pair, e.g. torch==2.9.0 torch_xla[tpu]==2.9.0 (docs/tpu.md)")
+    return (f"use_tpu=true: torch_xla {version or '(version unknown)'} is installed but failed to "
+            f"import with torch {torch.__version__}{why}; see docs/tpu.md")
+
+
+def select_device(device: str = "auto", gpu: int | None = None, use_tpu: bool = False,
+                  deterministic: bool = True, threads: int | str = "auto",
+                  model: str | None = None) -> Device:
+    """Resolve the run's device and set its global flags (determinism, CPU threads; ``model`` is
+    the config's model name, for ``threads=auto``); clear one-line errors for what this machine
+    cannot do."""
+    dev = _resolve(device, gpu, use_tpu)
+    apply_determinism(deterministic)
+    dev.deterministic = deterministic
+    n = resolve_threads(threads, dev.kind, model)
+    if n is not None:
+        torch.set_num_threads(n)
+    return dev
+
+
+def _resolve(device: str, gpu: int | None, use_tpu: bool) -> Device:
+    if use_tpu:
+        xm = _import_xla()
         return Device("xla", xm.xla_device(), xm)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            log.warning("WARNING: device=auto found no CUDA device (torch %s, CUDA build %s): running "
+                        "on the CPU", torch.__version__, torch.version.cuda)
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={device} was asked for but this machine has no CUDA device; "

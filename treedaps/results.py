@@ -42,7 +42,7 @@ from .runlock import RunLock
 log = logging.getLogger("treedaps")
 # Keys that select which measurements run or where/how results are written, not their numbers.
 HASH_EXCLUDED = ("data.start_id", "data.end_id", "name", "save_dir", "gpu", "save_samples",
-                 "save_grids", "progress", "report")
+                 "save_grids", "progress", "report", "threads", "dist_timeout_min")
 
 
 # Names of atomic_write_bytes's temporary files: ".<name>." + mkstemp's 8 random characters + ".tmp".

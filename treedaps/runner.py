@@ -49,9 +49,11 @@ class Experiment:
     def __init__(self, cfg: DictConfig, overrides: list[str] | None = None):
         self.cfg = cfg
         self.settings: Settings = validate(cfg)
-        self.rank = distributed.init(bool(cfg.use_tpu))
+        self.rank = distributed.init(bool(cfg.use_tpu), float(cfg.dist_timeout_min))
         gpu = self.rank.local_rank if self.rank.world > 1 else int(cfg.gpu)
-        self.device: Device = select_device(str(cfg.device), gpu, bool(cfg.use_tpu))
+        self.device: Device = select_device(str(cfg.device), gpu, bool(cfg.use_tpu), bool(cfg.deterministic),
+                                            cfg.threads, str(cfg.model.name))
+        log.info("%s", self.device.startup_line())
         # Data and checkpoint checks come before any heavy work (the toy prior is cheap to build).
         if cfg.data.name == "demo":
             self.model = build_model(cfg.model, self.device)
