@@ -35,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from treedaps.device import select_device  # noqa: E402
-from treedaps.mcmc import MCMCConfig, latent_data_gradient, run_mcmc  # noqa: E402
+from treedaps.mcmc import MCMCConfig, latent_data_gradient  # noqa: E402
 from treedaps.models.ldm import CompVisLDM, build_ldm  # noqa: E402
 from treedaps.operators import PhaseRetrieval  # noqa: E402
 from treedaps.particles import Particles  # noqa: E402
-from treedaps.sampler import AnnealingConfig, ODEConfig, PhasePlan, SearchHooks, reverse_ode, sample  # noqa: E402
-from treedaps.schedules import annealing_sigmas, mcmc_lr, mcmc_ratio  # noqa: E402
+from treedaps.plan import PhasePlan  # noqa: E402
+from treedaps.sampler import daps_step, sample  # noqa: E402
+from treedaps.schedules import AnnealingConfig, ODEConfig, annealing_sigmas  # noqa: E402
+from treedaps.search import SearchHooks  # noqa: E402
 from treedaps.search.pruning import PruningConfig, make_prune_hook  # noqa: E402
 from treedaps.telemetry import Telemetry  # noqa: E402
 
@@ -114,20 +116,17 @@ def full_model(name: str, dev, smoke: bool):
 
 
 def annealing_steps(model, op, y, dev, mcmc: MCMCConfig, n_steps: int, batch: int):
-    """``n_steps`` LatentDAPS steps exactly as the sampler runs them; per-step seconds, peak MB."""
+    """``n_steps`` LatentDAPS steps through the sampler's own ``daps_step``; per-step seconds, peak MB."""
     sigmas = annealing_sigmas(50, 10.0, 0.1)
+    plan = PhasePlan(50, 50)
     parts = Particles.start(y, [0], [42], batch, model.latent_shape, 10.0, dev)
-    grad = latent_data_gradient(model.decode, op.loss, parts.y)
     per_step = []
     dev.reset_peak()
     for step in range(n_steps):
         sync(dev)
         t = time.perf_counter()
-        sigma = sigmas[step]
-        z0hat = reverse_ode(model, parts.z, sigma, ODEConfig())
-        res = run_mcmc(z0hat, parts.z, sigma.to(parts.z.device), mcmc_lr(mcmc.lr, mcmc.lr_min_ratio, mcmc_ratio(step, 50)),
-                       grad, lambda: parts.randn_like_z(dev), mcmc, dev)
-        parts.z = res.z0y + sigmas[step + 1] * parts.randn_like_z(dev)
+        parts, _ = daps_step(model, op, parts, plan.at(step), sigmas[step], sigmas[step + 1], 50, ODEConfig(),
+                             mcmc, dev, SearchHooks(), lambda event, info: None)
         sync(dev)
         per_step.append(time.perf_counter() - t)
     return per_step, peak_mb(dev)
@@ -170,7 +169,7 @@ def run_schedule(model, op, y, dev, mcmc, plan, hooks, n_particles):
     tel = Telemetry(dev, model, op, None, diagnostics=False, record_matrices=False)
     sync(dev)
     t = time.perf_counter()
-    sample(model, op, parts, AnnealingConfig(plan.num_steps, 10.0, 0.1), ODEConfig(), mcmc, plan, dev,
+    sample(model, op, parts, AnnealingConfig(plan.num_steps, 10.0, 0.1).sigmas(), plan, ODEConfig(), mcmc, dev,
            hooks, tel)
     sync(dev)
     total = time.perf_counter() - t
@@ -227,7 +226,7 @@ def section_optimize(dev, results, smoke: bool):
     dev.reset_peak()
     sync(dev)
     t = time.perf_counter()
-    _, per, _ = optimize_latents(z, y, model.decode, op, cfg, dev, sigma_y=op.sigma)
+    _, per = optimize_latents(z, y, model.decode, op, cfg, dev, sigma_y=op.sigma)
     sync(dev)
     total = time.perf_counter() - t
     iters = [p.iterations for p in per]

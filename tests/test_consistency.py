@@ -29,9 +29,11 @@ from treedaps.device import Device
 from treedaps.models.toy import GaussianMixturePrior
 from treedaps.operators import PhaseRetrieval
 from treedaps.particles import Particles
-from treedaps.search.consistency import (PRESETS, STATE_KEY, OptimizationConfig, event_cap,
+from treedaps.search.consistency import (PRESETS, OptimizationConfig, event_cap,
                                          make_optimize_hook, max_passes_per_particle,
                                          optimization_steps, optimize_latents)
+from treedaps.search.optimizer import totals
+from treedaps.telemetry import split_event_time
 
 CPU = Device("cpu", torch.device("cpu"))
 ATOL_REL = 1e-6
@@ -78,11 +80,11 @@ def toy():
 
 
 def batch_vs_single(z, y, decode, op, cfg, **per_particle):
-    zb, rb, _ = optimize_latents(z, y, decode, op, cfg, CPU, **per_particle)
+    zb, rb = optimize_latents(z, y, decode, op, cfg, CPU, **per_particle)
     worst = 0.0
     for i in range(z.shape[0]):
         kw = {k: [v[i]] for k, v in per_particle.items()}
-        zs, rs, _ = optimize_latents(z[i:i + 1], y[i:i + 1], decode, op, cfg, CPU, **kw)
+        zs, rs = optimize_latents(z[i:i + 1], y[i:i + 1], decode, op, cfg, CPU, **kw)
         a, b = rs[0], rb[i]
         assert (a.stop_reason, a.iterations, a.decoder_forward_backward + a.decoder_forward_only) == \
             (b.stop_reason, b.iterations, b.decoder_forward_backward + b.decoder_forward_only), (a, b)
@@ -111,7 +113,7 @@ def test_planted_stops_hold_for_other_seeds():
     cfg = OptimizationConfig.from_preset("resample", plateau_window=20, max_iters=200)
     for seed in (1, 2, 3):
         z, y = planted_linear(seed)
-        _, results, _ = optimize_latents(z, y, nn.Identity(), Duplicate(), cfg, CPU)
+        _, results = optimize_latents(z, y, nn.Identity(), Duplicate(), cfg, CPU)
         assert [r.stop_reason for r in results] == ["eps", "plateau", "max_iters"]
 
 
@@ -144,7 +146,7 @@ def test_returned_iterate_and_semantics_match_a_plain_reference_loop():
                 break
             loss.backward()
             opt.step()
-        out, res, _ = optimize_latents(z[i:i + 1], y[i:i + 1], nn.Identity(), Duplicate(), cfg, CPU)
+        out, res = optimize_latents(z[i:i + 1], y[i:i + 1], nn.Identity(), Duplicate(), cfg, CPU)
         assert res[0].iterations == it and res[0].loss_after == losses[-1]
         assert torch.equal(out, zs[-1])
 
@@ -156,21 +158,26 @@ def test_decoder_sees_the_batch_shrink(toy):
     handle = model.decoder.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
     try:
         cfg = OptimizationConfig.from_preset("cost_aware", max_iters=80)
-        _, results, totals = optimize_latents(toy["starts"], toy["y"], model.decode, toy["op"], cfg, CPU,
+        _, results = optimize_latents(toy["starts"], toy["y"], model.decode, toy["op"], cfg, CPU,
                                               caps=[80, 40, 80])
     finally:
         handle.remove()
+    sums = totals(results)
     stops = [r.iterations for r in results]
     assert stops[0] < 40 and stops[1:] == [40, 80]
     # every evaluation i is one decoder call on the particles still active at i
     expected = [sum(1 for s in stops if s >= i) for i in range(max(stops) + 1)]
     assert sizes == expected
     assert sizes[0] == 3 and sizes[-1] == 1 and sorted(set(sizes)) == [1, 2, 3]
-    assert sum(sizes) == totals["decoder_forward_backward"] + totals["decoder_forward_only"]
-    assert totals["decoder_forward_only"] == 1              # the last one: everyone left at its cap
-    # the equal-split timing rule: per-particle times add up to the iteration time
-    assert sum(r.time_s for r in results) == pytest.approx(totals["iteration_s"], rel=1e-9)
-    assert results[2].time_s > results[1].time_s > results[0].time_s
+    assert sum(sizes) == sums["decoder_forward_backward"] + sums["decoder_forward_only"]
+    assert sums["decoder_forward_only"] == 1              # the last one: everyone left at its cap
+    # telemetry's timing rule: the event's time split by each particle's share of the evaluations
+    record = {0: dict(particles=[r.as_dict() for r in results], totals=dict(sums))}
+    split_event_time(record, 6.0)
+    rows = record[0]["particles"]
+    assert sum(r["time_s"] for r in rows) == pytest.approx(6.0, rel=1e-12)
+    assert [r["time_s"] for r in rows] == pytest.approx([6.0 * (s + 1) / sum(sizes) for s in stops])
+    assert record[0]["totals"]["wall_s"] == 6.0 and record[0]["totals"]["time_s"] == pytest.approx(6.0)
 
 
 # -- stop rules -----------------------------------------------------------------------------------
@@ -183,16 +190,16 @@ def test_noise_aware_stop_fires_at_the_noise_level(toy):
     assert op.noise_energy(model.image_shape) / y[0].numel() == pytest.approx(s2)
     start = toy["starts"][1:2]
     cfg = OptimizationConfig.from_preset("cost_aware")
-    _, res, _ = optimize_latents(start, y[1:2], model.decode, op, cfg, CPU)
+    _, res = optimize_latents(start, y[1:2], model.decode, op, cfg, CPU)
     r = res[0]
     assert r.stop_reason == "noise" and r.loss_before > 4 * s2
     assert 0.9 * s2 < r.loss_after <= s2
-    _, res2, _ = optimize_latents(start, y[1:2], model.decode, op,
+    _, res2 = optimize_latents(start, y[1:2], model.decode, op,
                                   OptimizationConfig.from_preset("cost_aware", noise_factor=2.0), CPU)
     assert res2[0].stop_reason == "noise" and 1.8 * s2 < res2[0].loss_after <= 2 * s2
     assert res2[0].iterations < r.iterations
     # ReSample's rule (no noise-aware stop) goes on fitting the noise below sigma_y^2
-    _, res3, _ = optimize_latents(start, y[1:2], model.decode, op,
+    _, res3 = optimize_latents(start, y[1:2], model.decode, op,
                                   OptimizationConfig.from_preset("resample", max_iters=r.iterations + 60), CPU)
     assert res3[0].stop_reason == "max_iters" and res3[0].loss_after < 0.95 * s2
 
@@ -203,7 +210,7 @@ def test_eps_fires_at_iteration_zero_and_nonfinite_particles_do_not_run():
     y = torch.cat([torch.cat([z[:1], z[:1]], 1), y[2:3], y[2:3]])   # particle 0 is exactly consistent
     z[2, 3] = float("nan")
     cfg = OptimizationConfig.from_preset("resample", max_iters=10)
-    out, res, _ = optimize_latents(z, y, nn.Identity(), Duplicate(), cfg, CPU)
+    out, res = optimize_latents(z, y, nn.Identity(), Duplicate(), cfg, CPU)
     assert (res[0].stop_reason, res[0].iterations, res[0].loss_after) == ("eps", 0, 0.0)
     assert torch.equal(out[0], z[0])
     assert res[1].stop_reason == "max_iters" and res[1].iterations == 10
@@ -216,17 +223,17 @@ def test_weight_decay_is_decoupled_and_can_be_switched_off(toy):
     flat = lambda x: x * 0.0  # noqa: E731
     y = torch.ones(2, D)
     cfg = OptimizationConfig.from_preset("resample", max_iters=50)
-    out, res, _ = optimize_latents(z, y, nn.Identity(), flat, cfg, CPU)
+    out, res = optimize_latents(z, y, nn.Identity(), flat, cfg, CPU)
     assert [r.stop_reason for r in res] == ["max_iters"] * 2          # a flat loss never "plateaus"
     assert torch.allclose(out, z * (1 - cfg.lr * cfg.weight_decay) ** 50, rtol=1e-5)
-    out0, _, _ = optimize_latents(z, y, nn.Identity(), flat,
+    out0, _ = optimize_latents(z, y, nn.Identity(), flat,
                                   OptimizationConfig.from_preset("resample", max_iters=50, weight_decay=0.0), CPU)
     assert torch.equal(out0, z)
     # on the real problem the two differ too
     model, op = toy["model"], toy["op"]
-    a, _, _ = optimize_latents(toy["starts"][:1], toy["y"][:1], model.decode, op, cfg.from_preset(
+    a, _ = optimize_latents(toy["starts"][:1], toy["y"][:1], model.decode, op, cfg.from_preset(
         "resample", max_iters=30), CPU)
-    b, _, _ = optimize_latents(toy["starts"][:1], toy["y"][:1], model.decode, op, cfg.from_preset(
+    b, _ = optimize_latents(toy["starts"][:1], toy["y"][:1], model.decode, op, cfg.from_preset(
         "resample", max_iters=30, weight_decay=0.0), CPU)
     assert float((a - b).abs().max()) > 1e-6
 
@@ -281,15 +288,15 @@ def test_hook_respects_the_budget(toy, reserve):
     num_steps = 10
     steps = optimization_steps(cfg, 4, num_steps)
     assert steps == [4, 6, 9]
-    hook = make_optimize_hook(model, op, cfg, CPU, num_steps=num_steps)
+    hook = make_optimize_hook(model, op, cfg, CPU)
     particles = _particles(toy)
     z0y = particles.z.clone()
     used, records = [], []
     for s in steps + [9]:                               # a repeated final pass: nothing left
         before = z0y.clone()
-        z0y, record = hook(particles, z0y, z0y, s)
+        z0y, record = hook(particles, z0y, z0y, s, s == num_steps - 1)
         records.append(record)
-        used.append(particles.state[STATE_KEY].tolist())
+        used.append(particles.state.opt_iters_used.tolist())
     assert all(u <= cfg.budget for row in used for u in row)
     if reserve:
         # 60, then min(60, 100 - 60 - 20) = 20, then the final pass gets the reserved 20
@@ -308,7 +315,7 @@ def test_hook_respects_the_budget(toy, reserve):
     assert first[0]["totals"]["iterations"] == 120 and "step" not in first[0]
     # select() slices the budget state with the particles
     sub = particles.select([3, 0])
-    assert sub.state[STATE_KEY].tolist() == [used[-1][3], used[-1][0]]
+    assert sub.state.opt_iters_used.tolist() == [used[-1][3], used[-1][0]]
 
 
 def test_event_cap_rules():
@@ -328,8 +335,8 @@ def test_hook_start_choice_and_timing(toy):
     cfg = OptimizationConfig.from_preset("cost_aware", max_iters=5, noise_aware=False)
     t = time.perf_counter()
     _, rec_hat = make_optimize_hook(model, op, OptimizationConfig.from_preset(
-        "resample", max_iters=5), CPU, 50)(particles, z0hat, z0y, 49)
-    _, rec_y = make_optimize_hook(model, op, cfg, CPU, 50)(particles.select([0, 1]), z0hat, z0y, 49)
+        "resample", max_iters=5), CPU)(particles, z0hat, z0y, 49, True)
+    _, rec_y = make_optimize_hook(model, op, cfg, CPU)(particles.select([0, 1]), z0hat, z0y, 49, True)
     assert time.perf_counter() - t < 30
     # from the truth (z0hat) the loss starts at the noise level; from zeros it is far larger
     assert rec_hat[0]["particles"][0]["loss_before"] < 1.2 * op.sigma ** 2
@@ -337,4 +344,6 @@ def test_hook_start_choice_and_timing(toy):
     row = rec_y[1]["particles"][0]
     assert set(row) >= {"id", "iterations", "time_s", "loss_before", "loss_after", "stop_reason",
                         "decoder_forward_backward", "iters_used_total", "image_index", "skipped"}
-    assert row["time_s"] > 0 and row["iterations"] == 5
+    assert row["time_s"] == 0.0 and row["iterations"] == 5          # no clock in the algorithm
+    split_event_time(rec_y, 1.0)                                      # the time is telemetry's
+    assert rec_y[1]["particles"][0]["time_s"] > 0

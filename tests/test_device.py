@@ -15,7 +15,9 @@ from treedaps.models.toy import GaussianMixturePrior
 from treedaps.operators import PhaseRetrieval
 from treedaps.particles import Particles
 from treedaps.rng import measurement_generator
-from treedaps.sampler import AnnealingConfig, ODEConfig, PhasePlan, sample
+from treedaps.plan import PhasePlan
+from treedaps.sampler import sample
+from treedaps.schedules import AnnealingConfig, ODEConfig
 
 
 class FakeXM:
@@ -172,7 +174,7 @@ def test_xla_cuts_the_graph_every_mcmc_iteration_and_draws_on_the_host():
     outs = []
     for dev in (xla, cpu):
         parts = Particles.start(y, [0], [42], 2, model.latent_shape, 10.0, dev)
-        outs.append(sample(model, op, parts, AnnealingConfig(num_steps=3), ODEConfig(), mcmc,
-                           PhasePlan(3, 3), dev))
+        outs.append(sample(model, op, parts, AnnealingConfig(num_steps=3).sigmas(), PhasePlan(3, 3), ODEConfig(),
+                           mcmc, dev))
     assert xm.mark_steps == 3 * 5 + 3            # every MCMC iteration + every annealing step
     assert torch.equal(outs[0].particles.z, outs[1].particles.z)   # host streams = CPU streams

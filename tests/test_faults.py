@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from treedaps import results
@@ -29,15 +28,7 @@ from treedaps.runlock import RunLocked
 from treedaps.runner import Experiment
 from treedaps.schedules import annealing_sigmas, resolve_timestep
 
-REPO = Path(__file__).resolve().parents[1]
-FAST = ["sampler.annealing_scheduler_config.num_steps=3", "task.ldm.mcmc_sampler_config.num_steps=3",
-        "eval_fn_list=[psnr,ssim]", "progress=false"]
-
-
-def make_cfg(save_dir, *overrides, name="run"):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="default",
-                       overrides=[*FAST, f"save_dir={save_dir}", f"name={name}", *overrides])
+from conftest import FAST, REPO, make_cfg
 
 
 def experiment(save_dir, *overrides):

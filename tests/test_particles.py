@@ -1,9 +1,10 @@
 """Particles (start, randn_like_z, select, copy_with_new_ids, concat, groups) and the keyed random
 streams of treedaps.rng."""
+import pytest
 import torch
 
 from treedaps.device import select_device
-from treedaps.particles import Particles
+from treedaps.particles import Particles, ParticleState
 from treedaps.rng import measurement_generator, particle_seed, stream_seed
 
 DEV = select_device("cpu")
@@ -48,7 +49,7 @@ def test_start_layout_and_initial_noise():
     assert p.ids == [0, 1, 2, 3] * 2
     assert p.measurement == [0] * 4 + [1] * 4
     assert p.image_index == [7] * 4 + [9] * 4
-    assert p.seeds == [42] * 8 and p.parents == [None] * 8 and p.state == {}
+    assert p.seeds == [42] * 8 and p.parents == [None] * 8 and p.state == ParticleState()
     assert torch.equal(p.y[:4], torch.zeros(4, 3, 6, 6)) and torch.equal(p.y[4:], torch.ones(4, 3, 6, 6))
     for pos in range(8):
         g = torch.Generator().manual_seed(particle_seed(42, p.image_index[pos], p.ids[pos]))
@@ -85,11 +86,13 @@ def test_randn_like_z_advances_own_stream():
 
 def test_select_slices_everything_and_shares_streams():
     p = _start()
-    p.state["velocity"] = torch.arange(8.0).view(8, 1, 1, 1).expand(8, *LATENT).clone()
+    p.state.z0hat = torch.arange(8.0).view(8, 1, 1, 1).expand(8, *LATENT).clone()
+    p.state.opt_iters_used = torch.arange(8) * 10
     q = p.select([5, 1])
     assert q.ids == [1, 1] and q.measurement == [1, 0] and q.image_index == [9, 7]
     assert torch.equal(q.z, p.z[[5, 1]]) and torch.equal(q.y, p.y[[5, 1]])
-    assert torch.equal(q.state["velocity"][:, 0, 0, 0], torch.tensor([5.0, 1.0]))
+    assert torch.equal(q.state.z0hat[:, 0, 0, 0], torch.tensor([5.0, 1.0]))
+    assert q.state.opt_iters_used.tolist() == [50, 10] and q.state.z0y is None
     assert q.generators[0] is p.generators[5]
     # selecting does not draw from or reset any stream: the survivors continue where they were
     ref = _start()
@@ -112,10 +115,10 @@ def test_single_particle_from_start_has_its_stream():
 
 def test_copy_with_new_ids_fresh_stream():
     p = _start()
-    p.state["z0y"] = p.z * 2
+    p.state.z0y = p.z * 2
     c = p.copy_with_new_ids([1, 5], [4, 5], DEV)
     assert c.ids == [4, 5] and c.parents == [1, 1] and c.image_index == [7, 9]
-    assert torch.equal(c.z, p.z[[1, 5]]) and torch.equal(c.state["z0y"], p.state["z0y"][[1, 5]])
+    assert torch.equal(c.z, p.z[[1, 5]]) and torch.equal(c.state.z0y, p.state.z0y[[1, 5]])
     assert c.generators[0] is not p.generators[1]
     g = torch.Generator().manual_seed(particle_seed(42, 7, 4))
     assert torch.equal(c.randn_like_z(DEV)[0], torch.randn(LATENT, generator=g))
@@ -126,9 +129,13 @@ def test_copy_with_new_ids_fresh_stream():
 
 def test_concat():
     p = _start()
-    p.state["v"] = torch.randn(8, *LATENT)
+    p.state.z0y = torch.randn(8, *LATENT)
     a, b = p.select([0, 1]), p.copy_with_new_ids([4], [10], DEV)
     c = Particles.concat([a, b])
     assert len(c) == 3 and c.ids == [0, 1, 10] and c.parents == [None, None, 0]
-    assert torch.equal(c.z, torch.cat([a.z, b.z])) and torch.equal(c.state["v"], p.state["v"][[0, 1, 4]])
+    assert torch.equal(c.z, torch.cat([a.z, b.z])) and torch.equal(c.state.z0y, p.state.z0y[[0, 1, 4]])
+    assert c.state.z0hat is None
+    a.state.z0hat = a.z
+    with pytest.raises(ValueError, match="z0hat is set in some"):
+        Particles.concat([a, b])
     assert c.measurement == [0, 0, 1] and c.groups() == {0: [0, 1], 1: [2]}

@@ -20,29 +20,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from treedaps.report import load
 from treedaps.report.paired import paired
 from treedaps.runner import Experiment
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TINY = SHARED / "fixtures" / "daps_ref" / "tiny_ffhq_ldm.ckpt"
-IMAGES = SHARED / "data" / "demo-ffhq"
+from conftest import IMAGES, REAL, REPO, TINY
+from conftest import make_real_cfg as make_cfg
 
 pytestmark = [
     pytest.mark.skipif(not TINY.is_file() or not IMAGES.is_dir(),
                        reason=f"tiny LDM fixture or real images absent ({TINY}, {IMAGES}): ../shared is needed"),
 ]
 pytest.importorskip("diffusers")
-
-# 8 annealing steps: t = 200 resolves to step 5 (t 220.6), so explore, prune and refine all happen.
-REAL = ["model=tiny_ldm", "data=demo-ffhq", "data.resolution=64",
-        "sampler.annealing_scheduler_config.num_steps=8",
-        "task.ldm.mcmc_sampler_config.num_steps=3", "task.ldm_hmc.mcmc_sampler_config.num_steps=3",
-        "optimization.max_iters=4", "optimization.plateau_window=2",
-        "eval_fn_list=[psnr,ssim]", "progress=false", "save_samples=false"]
 
 # (script, flags, run folder name): every experiment of the study, as the user runs it.
 RUNS = [
@@ -150,12 +140,6 @@ def test_report_renders_over_the_whole_study(study):
 
 
 # -- in-process checks on the same real path ------------------------------------------------------------
-
-def make_cfg(save_dir: Path, *overrides: str, name: str = "run"):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="default", overrides=[*REAL, f"save_dir={save_dir}", f"name={name}",
-                                                         "data.end_id=1", *overrides])
-
 
 def test_particle_exhausting_its_budget_is_recorded(tmp_path):
     """cost_aware events at steps 5, 6, 7 with a 6-iteration budget (1 kept for the final pass): the

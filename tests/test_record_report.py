@@ -8,7 +8,7 @@ import pytest
 from treedaps.record import VRAM_KEYS, UnitRecordError, merge, optimization_summary, phase_memory, phase_times
 from treedaps.report import commit_steps, full_report, main, mcnemar, paired, summary_table
 from treedaps.results import atomic_write_json
-from treedaps.sampler import PhasePlan
+from treedaps.plan import PhasePlan
 
 
 def steps(peaks: list[float | None]) -> list[dict]:

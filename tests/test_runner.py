@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from treedaps.config import ConfigError
@@ -21,19 +20,7 @@ from treedaps.results import ConfigMismatch
 from treedaps.rng import measurement_generator
 from treedaps.runner import Experiment
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIX = SHARED / "fixtures" / "daps_ref"
-
-# 3 annealing steps keep branch_timestep=200 inside the visited range (2 steps would not)
-FAST = ["sampler.annealing_scheduler_config.num_steps=3", "task.ldm.mcmc_sampler_config.num_steps=3",
-        "eval_fn_list=[psnr,ssim]", "progress=false"]
-
-
-def make_cfg(save_dir, *overrides, name="run"):
-    ov = [*FAST, f"save_dir={save_dir}", f"name={name}", *overrides]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="default", overrides=ov)
+from conftest import FAST, FIX, REPO, SHARED, make_cfg
 
 
 def run(save_dir, *overrides, name="run"):

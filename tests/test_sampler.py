@@ -8,11 +8,12 @@ from treedaps.device import select_device
 from treedaps.mcmc import MCMCConfig
 from treedaps.models.toy import GaussianMixturePrior
 from treedaps.operators import PhaseRetrieval
-from treedaps.particles import Particles
+from treedaps.particles import Particles, Retired
+from treedaps.plan import PhasePlan
 from treedaps.rng import measurement_generator
-from treedaps.sampler import (AnnealingConfig, ODEConfig, PhasePlan, Retired, SearchHooks, reverse_ode,
-                              sample)
-from treedaps.schedules import annealing_sigmas, mcmc_lr, mcmc_ratio, ode_time_steps
+from treedaps.sampler import reverse_ode, sample
+from treedaps.schedules import AnnealingConfig, ODEConfig, annealing_sigmas, mcmc_lr, mcmc_ratio, ode_time_steps
+from treedaps.search import SearchHooks
 
 DEV = select_device("cpu")
 SEED = 42
@@ -53,7 +54,7 @@ def _particles(model, operator, index=1, num_samples=4, select=None):
 
 
 def _run(model, operator, particles, **kw):
-    return sample(model, operator, particles, ANN, ODE, MC, PLAN, DEV, **kw)
+    return sample(model, operator, particles, ANN.sigmas(), PLAN, ODE, MC, DEV, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,12 @@ def test_phase_plan():
     assert [plan.phase(k) for k in range(5)] == ["explore"] * 3 + ["refine"] * 2
     assert plan.repulsion_at(1) == 0.5
     assert PhasePlan(5, 3).repulsion_at(2) == 0.0
+    full = PhasePlan(5, 3, prune_step=3, prune_dry_run=True, repulsion=[1.0, 0.5, 0.0, 0.0, 0.0],
+                     optimize_steps=frozenset({3, 4}))
+    actions = [full.at(k) for k in range(5)]
+    assert [a.prune for a in actions] == [False, False, False, True, False]
+    assert all(a.prune_dry_run for a in actions) and actions[1].repulsion == 0.5
+    assert [(a.optimize, a.final_pass) for a in actions] == [(False, False)] * 3 + [(True, False), (True, True)]
 
 
 def test_reverse_ode_is_two_euler_steps(model):
@@ -144,7 +151,9 @@ def test_output_and_state(model, operator, batch4):
     want = operator.loss(model.decode(out.particles.z), out.particles.y)
     assert torch.allclose(out.loss, want)
     # the last step re-noises with sigma 0: the final z is the last z0y
-    assert torch.equal(out.particles.state["z0y"], out.particles.z)
+    assert torch.equal(out.particles.state.z0y, out.particles.z)
+    # the final images are decoded once, in the loop, from the final latents
+    assert torch.equal(out.images, model.decode(out.particles.z))
 
 
 # -- what the loop passes to the MCMC, and what it reports ------------------------------------------------
@@ -237,7 +246,7 @@ def test_nan_in_denoiser_retires_one_particle(model, operator):
     bad_id, step = 2, 1
     # z_t of particle 2 at step 1 (its last finite latent: z0hat and z0y are both NaN there)
     seen = {}
-    out = sample(NaNDenoise(model, step, bad_id), operator, _particles(model, operator), ANN, ODE, MC, PLAN,
+    out = sample(NaNDenoise(model, step, bad_id), operator, _particles(model, operator), ANN.sigmas(), PLAN, ODE, MC,
                  DEV, callback=lambda e, info: seen.setdefault(info["step"], info["particles"].z.clone())
                  if e == "step_start" else None)
     clean = _run(model, operator, _particles(model, operator, select=[0, 1, 3]))
@@ -248,7 +257,7 @@ def test_nan_in_denoiser_retires_one_particle(model, operator):
 def test_nan_in_data_gradient_retires_one_particle(model, operator):
     bad_id, step, iteration = 1, 2, 3
     wrapped = NaNDecode(model, step * MC.num_steps + iteration, bad_id)
-    out = sample(wrapped, operator, _particles(model, operator), ANN, ODE, MC, PLAN, DEV)
+    out = sample(wrapped, operator, _particles(model, operator), ANN.sigmas(), PLAN, ODE, MC, DEV)
     clean = _run(model, operator, _particles(model, operator, select=[0, 2, 3]))
     r = _check_retired(out, clean, bad_id, step)
     # its record is the last finite MCMC state: the z0 whose decode gave NaN (after `iteration`
@@ -268,7 +277,7 @@ class AllNaN(NaNDenoise):
 
 
 def test_all_particles_diverge_at_last_step(model, operator):
-    out = sample(AllNaN(model, 3, 0), operator, _particles(model, operator, num_samples=2), ANN, ODE, MC, PLAN, DEV)
+    out = sample(AllNaN(model, 3, 0), operator, _particles(model, operator, num_samples=2), ANN.sigmas(), PLAN, ODE, MC, DEV)
     assert len(out.particles) == 0 and out.loss.numel() == 0
     assert sorted(r.particle_id for r in out.retired) == [0, 1]
     assert all(r.status == "diverged" and r.step == 3 for r in out.retired)
@@ -278,7 +287,7 @@ def test_all_particles_diverge_before_last_step(model, operator):
     # regression: before commit 737020b the loop went on re-noising an empty batch and
     # Particles.randn_like_z raised "stack expects a non-empty TensorList"
     events = []
-    out = sample(AllNaN(model, 0, 0), operator, _particles(model, operator, num_samples=2), ANN, ODE, MC, PLAN, DEV,
+    out = sample(AllNaN(model, 0, 0), operator, _particles(model, operator, num_samples=2), ANN.sigmas(), PLAN, ODE, MC, DEV,
                  callback=lambda e, info: events.append((e, info["step"])))
     assert len(out.particles) == 0 and out.loss.numel() == 0
     assert sorted(r.particle_id for r in out.retired) == [0, 1]
@@ -291,15 +300,17 @@ def test_prune_hook_called_at_prune_step(model, operator):
     """The hook contract: at plan.prune_step the hook's selection replaces the batch."""
     calls = []
 
-    def prune(particles, step):
+    def prune(particles, step, z0y, z0hat):
         calls.append((step, len(particles)))
+        # the previous step's estimates arrive as arguments, one row per particle
+        assert z0y.shape == z0hat.shape == particles.z.shape and not torch.equal(z0y, z0hat)
         keep = particles.select([0, 3])
         dropped = [Retired(particles.measurement[i], *particles.key(i), status="pruned", step=step,
                            z=particles.z[i], loss=None) for i in (1, 2)]
         return keep, dropped, {0: {"kept": [0, 3]}}
 
     plan = PhasePlan(num_steps=4, branch_step=3, prune_step=2)
-    out = sample(model, operator, _particles(model, operator), ANN, ODE, MC, plan, DEV,
+    out = sample(model, operator, _particles(model, operator), ANN.sigmas(), plan, ODE, MC, DEV,
                  hooks=SearchHooks(prune=prune))
     assert calls == [(2, 4)]
     assert out.particles.ids == [0, 3]

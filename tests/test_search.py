@@ -1,5 +1,6 @@
 """Repulsion, pruning and the phase plan (treedaps/search, treedaps/plan.py) on the demo prior."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,11 @@ from treedaps.operators import PhaseRetrieval
 from treedaps.particles import Particles
 from treedaps.plan import build_plan, decay_weights
 from treedaps.rng import measurement_generator
-from treedaps.sampler import AnnealingConfig, ODEConfig, PhasePlan, SearchHooks, sample
+from treedaps.plan import PhasePlan
+from treedaps.sampler import sample
+from treedaps.schedules import AnnealingConfig, ODEConfig
+from treedaps.search import RepulsionConfig, SearchHooks, SearchSettings
+from treedaps.search.consistency import OptimizationConfig
 from treedaps.search.pruning import PruningConfig, make_prune_hook, select
 from treedaps.search.repulsion import make_repulsion, repulsion_direction
 
@@ -83,31 +88,33 @@ def test_decay_schedules_reach_zero_at_the_end_step():
         decay_weights(1, 10, 12, "exponential")
 
 
-def plan_cfg(**kw):
-    base = dict(branch_timestep=200, pruning_step=-1, optimization_step=-1, repulsion_scale=0.0,
-                repulsion=dict(decay="linear", end_timestep=200))
-    base.update(kw)
-    return OmegaConf.create(base)
+def plan_settings(repulsion_scale=0.0, pruning_step=None, optimization_step=None, ann=AnnealingConfig()):
+    """What ``build_plan`` reads: the annealing schedule and the typed search settings."""
+    search = SearchSettings(
+        branch_timestep=200, repulsion=RepulsionConfig(repulsion_scale) if repulsion_scale else None,
+        pruning=PruningConfig() if pruning_step is not None else None, pruning_step=pruning_step,
+        optimization=OptimizationConfig(schedule="final") if optimization_step is not None else None,
+        optimization_step=optimization_step)
+    return SimpleNamespace(annealing=ann, search=search)
 
 
 def test_plan_resolves_timesteps_and_ends_repulsion_at_the_optimisation_step(toy):
-    ann = AnnealingConfig()
-    plan = build_plan(plan_cfg(repulsion_scale=0.2, pruning_step=200), toy, ann)
+    plan = build_plan(plan_settings(repulsion_scale=0.2, pruning_step=200), toy)
     assert plan.plan.branch_step == plan.plan.prune_step == 32
     assert plan.resolved["pruning_step"]["sigma"] == pytest.approx(0.7559, abs=1e-4)
     assert plan.plan.repulsion[31] > 0 and plan.plan.repulsion[32] == 0
     assert plan.particle_steps(4, 2) == dict(full=200, with_pruning=164, saved_fraction=pytest.approx(0.18))
-    early = build_plan(plan_cfg(repulsion_scale=0.2, optimization_step=400), toy, ann,
-                       optimize_steps_fn=lambda k, n: [k])
+    early = build_plan(plan_settings(repulsion_scale=0.2, optimization_step=400), toy)
     k0 = early.resolved["optimization_step"]["step"]
     assert k0 < 32 and early.plan.repulsion[k0 - 1] > 0 and all(w == 0 for w in early.plan.repulsion[k0:])
     assert "ends at the optimization step" in early.notes[0]
+    assert early.plan.optimize_steps == {49} and early.at(49).final_pass and not early.at(48).optimize
     with pytest.raises(ValueError, match="outside the timesteps"):
-        build_plan(plan_cfg(pruning_step=999), toy, ann)
+        build_plan(plan_settings(pruning_step=999), toy)
 
 
 def run(model, op, parts, plan, hooks=None, callback=None):
-    return sample(model, op, parts, AnnealingConfig(num_steps=8), ODEConfig(), FAST_MCMC, plan, DEV,
+    return sample(model, op, parts, AnnealingConfig(num_steps=8).sigmas(), plan, ODEConfig(), FAST_MCMC, DEV,
                   hooks, callback)
 
 
@@ -188,7 +195,7 @@ def test_pruning_slices_and_survivors_continue_unchanged(toy):
     assert set(seen.sizes[-5:]) == {2}                      # the decoder really sees 2 particles
     assert len(out.particles) == 2 and len(out.retired) == 2
     assert {r.status for r in out.retired} == {"pruned"} and {r.step for r in out.retired} == {4}
-    assert set(out.particles.state) >= {"z0y"} and out.particles.state["z0y"].shape[0] == 2
+    assert out.particles.state.z0y.shape[0] == 2
     for pos, pid in enumerate(out.particles.ids):          # paired streams: same as without pruning
         ref = full.particles.z[full.particles.ids.index(pid)]
         # Bitwise on the CPU: every op of the demo prior is computed row by row.

@@ -175,7 +175,7 @@ def test_both_modes_found_with_default_demo_settings(one_thread):
     assert s.annealing.num_steps == 50 and s.mcmc.num_steps == 100 and s.mcmc.algo == "langevin"
     assert float(cfg.repulsion_scale) == 0 and int(cfg.num_samples) == 4
     assert isinstance(s.operator, PhaseRetrieval) and s.operator.resolution == 32
-    plan = build_plan(cfg, model, s.annealing).plan
+    plan = build_plan(s, model)
     counts = {ZERO: 0, TWIN: 0, "other": 0}
     for index in (1, 2, 0):   # stop as soon as both modes were seen
         print(f"measurement {index}: {time.perf_counter() - t0:.1f} s so far")
@@ -183,7 +183,7 @@ def test_both_modes_found_with_default_demo_settings(one_thread):
         y = s.operator.measure(gt, measurement_generator(int(cfg.seed), index))
         particles = Particles.start(y, [index], [int(cfg.seed)], int(cfg.num_samples), model.latent_shape,
                                     s.annealing.sigma_max, dev)
-        out = sample(model, s.operator, particles, s.annealing, s.ode, s.mcmc, plan, dev)
+        out = sample(model, s.operator, particles, plan.sigmas, plan.plan, s.ode, s.mcmc, dev)
         assert not out.retired
         x = model.decode(out.particles.z)
         for lab in label_modes(gt.expand_as(x), x, s.thresholds):

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
 from .mcmc import MCMCConfig
 from .modes import ModeThresholds
 from .operators import PhaseRetrieval
-from .sampler import AnnealingConfig, ODEConfig
+from .schedules import AnnealingConfig, ODEConfig
+from .search.settings import SearchSettings
 
-
-class ConfigError(ValueError):
-    """A wrong value or key in the configuration (one-line message)."""
+__all__ = ["ConfigError", "Settings", "validate", "to_container"]
 
 
 # Top-level keys and, for blocks, their allowed sub-keys (None = free-form, checked elsewhere).
@@ -106,6 +106,7 @@ class Settings:
     thresholds: ModeThresholds
     seeds: tuple[int, ...]
     metrics: tuple[str, ...]
+    search: SearchSettings = SearchSettings()
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -122,8 +123,6 @@ def validate(cfg: DictConfig) -> Settings:
         _fail(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         _fail(f"batch_size (measurements per batch) must be an integer >= 1, got {cfg.batch_size!r}")
-    if float(cfg.repulsion_scale) < 0:
-        _fail(f"repulsion_scale must be >= 0 (0 = independent particles), got {cfg.repulsion_scale}")
     for key in ("pruning_step", "optimization_step"):
         value = float(cfg[key])
         if value != -1 and not 0 <= value < 1000:
@@ -150,11 +149,6 @@ def validate(cfg: DictConfig) -> Settings:
     if cfg.task_group not in cfg.task:
         _fail(f"task_group={cfg.task_group!r} is not in the task config (choose from "
               f"{', '.join(cfg.task.keys())})")
-    if int(cfg.num_samples) > 1 and "pruning" in cfg and int(cfg.pruning.num_keep) < 1:
-        _fail(f"pruning.num_keep must be >= 1, got {cfg.pruning.num_keep}")
-    if float(cfg.pruning_step) != -1 and int(cfg.pruning.num_keep) >= int(cfg.num_samples):
-        _fail(f"pruning_step={cfg.pruning_step} with pruning.num_keep={cfg.pruning.num_keep} >= "
-              f"num_samples={cfg.num_samples}: nothing to prune (set pruning_step=-1)")
 
     group = cfg.task[cfg.task_group]
     mc = group.mcmc_sampler_config
@@ -186,7 +180,8 @@ def validate(cfg: DictConfig) -> Settings:
         _fail(f"annealing needs sigma_max > sigma_min > 0, got {annealing.sigma_max}, {annealing.sigma_min}")
 
     thresholds = ModeThresholds(float(cfg.modes.min_psnr), float(cfg.modes.margin))
-    return Settings(annealing, ode, mcmc, operator, thresholds, seeds, metrics)
+    return Settings(annealing, ode, mcmc, operator, thresholds, seeds, metrics,
+                    SearchSettings.from_config(cfg))
 
 
 def to_container(cfg: DictConfig) -> dict:

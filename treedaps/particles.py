@@ -2,18 +2,64 @@
 
 A batch holds the particles of one or more measurements. Each particle carries its latent, its own
 copy of its measurement y, its own random generator (keyed by seed, global image index and
-particle id: see ``rng``), and per-particle state tensors (HMC velocity, optimiser moments, ...).
+particle id: see ``rng``), and its typed per-particle state (``ParticleState``: last step's
+estimates, optimisation iterations spent). ``Retired`` records a particle that left the batch.
 Pruning, divergence and the end of a particle's latent optimisation all go through
 ``select(indices)``, so later steps really run on fewer particles: nothing is masked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from .device import Device
 from .rng import particle_seed
+
+
+@dataclass
+class Retired:
+    """A particle that left the batch before the end (pruned or diverged), kept for the record."""
+
+    measurement: int                # its measurement's position in the batch
+    image_index: int
+    particle_id: int
+    status: str                     # "pruned" | "diverged"
+    step: int                       # annealing step at which it left
+    z: torch.Tensor                 # its last finite latent (z0y, or z_t when pruned)
+    loss: float | None
+    reason: str = ""
+
+
+@dataclass
+class ParticleState:
+    """Per-particle tensors carried from one annealing step to the next (dim 0 = particle).
+
+    ``z0y`` / ``z0hat``: the previous step's MCMC sample and PF-ODE estimate (what pruning judges);
+    ``opt_iters_used``: (B,) long, latent-optimisation iterations spent so far (the budget).
+    None = not set yet. ``select`` / ``concat`` slice or join every field that is set.
+    """
+
+    z0y: torch.Tensor | None = None
+    z0hat: torch.Tensor | None = None
+    opt_iters_used: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "ParticleState":
+        return ParticleState(**{f.name: None if (v := getattr(self, f.name)) is None else
+                                v.index_select(0, index.to(v.device)) for f in fields(self)})
+
+    @staticmethod
+    def concat(states: list["ParticleState"]) -> "ParticleState":
+        out = {}
+        for f in fields(ParticleState):
+            values = [getattr(s, f.name) for s in states]
+            if all(v is None for v in values):
+                out[f.name] = None
+            elif any(v is None for v in values):
+                raise ValueError(f"cannot join particle states: {f.name} is set in some and not in others")
+            else:
+                out[f.name] = torch.cat(values)
+        return ParticleState(**out)
 
 
 @dataclass
@@ -26,7 +72,7 @@ class Particles:
     seeds: list[int]                         # run seed of its measurement (keys the streams)
     generators: list[torch.Generator]
     parents: list[int | None]                # id of the particle this one was copied from
-    state: dict[str, torch.Tensor] = field(default_factory=dict)  # per-particle tensors, dim 0 = B
+    state: ParticleState = field(default_factory=ParticleState)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -68,7 +114,7 @@ class Particles:
             seeds=[self.seeds[i] for i in idx],
             generators=[self.generators[i] for i in idx],
             parents=[self.parents[i] for i in idx],
-            state={k: v.index_select(0, index.to(v.device)) for k, v in self.state.items()},
+            state=self.state.select(index),
         )
 
     def copy_with_new_ids(self, indices: list[int], new_ids: list[int], device: Device) -> "Particles":
@@ -83,14 +129,13 @@ class Particles:
 
     @staticmethod
     def concat(parts: list["Particles"]) -> "Particles":
-        """Join particle sets (same latent shape and state keys) into one batch."""
-        first = parts[0]
+        """Join particle sets (same latent shape and state fields) into one batch."""
         return Particles(
             z=torch.cat([p.z for p in parts]), y=torch.cat([p.y for p in parts]),
             ids=[i for p in parts for i in p.ids], measurement=[m for p in parts for m in p.measurement],
             image_index=[i for p in parts for i in p.image_index], seeds=[s for p in parts for s in p.seeds],
             generators=[g for p in parts for g in p.generators], parents=[q for p in parts for q in p.parents],
-            state={k: torch.cat([p.state[k] for p in parts]) for k in first.state})
+            state=ParticleState.concat([p.state for p in parts]))
 
     def groups(self) -> dict[int, list[int]]:
         """Batch positions of each measurement's particles."""

@@ -13,7 +13,7 @@ import math
 import statistics
 
 from .metrics import HIGHER_IS_BETTER
-from .sampler import PhasePlan
+from .plan import PhasePlan
 from .unit_checks import UnitRecordError, check_config_hashes, check_unit, reading, unit_label
 
 __all__ = ["PHASES", "SCHEMA_VERSION", "VRAM_KEYS", "UnitRecordError", "dry_run_regret", "merge",

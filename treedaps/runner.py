@@ -30,7 +30,7 @@ from .results import (RunDir, atomic_save_png, atomic_write_json, git_revision, 
                       unit_name)
 from .rng import measurement_generator
 from .sampler import SampleOutput, sample
-from .search import build_search
+from .search import SearchHooks, build_search
 from .telemetry import Telemetry
 
 log = logging.getLogger("treedaps")
@@ -63,9 +63,9 @@ class Experiment:
             self.model = build_model(cfg.model, self.device)
         check_dataset(self.dataset, self.model.image_shape)   # every file, before any sampling
         self.weights_mb = self.device.current_allocated_mb()
-        self.search = build_search(cfg, self.model, self.settings, self.device)
-        self.plan: ResolvedPlan = build_plan(cfg, self.model, self.settings.annealing,
-                                             self.search.optimize_steps)
+        self.hooks: SearchHooks = build_search(self.settings.search, self.model, self.settings.operator,
+                                               self.settings.mcmc.tau, self.device)
+        self.plan: ResolvedPlan = build_plan(self.settings, self.model)
         if self.rank.is_main:
             for name, r in self.plan.resolved.items():
                 log.info("%s=%g -> annealing step %d of %d (sigma %.4g, t %.1f under sigma_mapping=%s; "
@@ -144,8 +144,8 @@ class Experiment:
 
         dev.synchronize()
         t0 = time.perf_counter()
-        out = sample(model, s.operator, particles, s.annealing, s.ode, s.mcmc, self.plan.plan, dev,
-                     self.search.hooks, callback)
+        out = sample(model, s.operator, particles, self.plan.sigmas, self.plan.plan, s.ode, s.mcmc, dev,
+                     self.hooks, callback)
         dev.synchronize()
         elapsed = time.perf_counter() - t0
         steps.close()
@@ -156,7 +156,7 @@ class Experiment:
     @torch.no_grad()
     def _write_units(self, units, items, gt, y, out: SampleOutput, telemetry: Telemetry, elapsed: float):
         """One record + tensors + pictures per measurement of the batch (shared costs split evenly)."""
-        finals = self.model.decode(out.particles.z).float().cpu() if len(out.particles) else None
+        finals = out.images.float().cpu() if out.images is not None else None
         batch = dict(n=len(units), elapsed=elapsed, telemetry=telemetry)
         for m, ((pos, seed), item) in enumerate(zip(units, items)):
             unit = self._unit((pos, seed))

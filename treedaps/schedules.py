@@ -19,6 +19,28 @@ import torch
 from .noise_levels import NoiseLevels
 
 
+@dataclass(frozen=True)
+class AnnealingConfig:
+    """DAPS's annealing scheduler (EDM poly-rho from sigma_max to sigma_min, ``num_steps`` steps)."""
+
+    num_steps: int = 50
+    sigma_max: float = 10.0
+    sigma_min: float = 0.1
+    rho: int = 7
+
+    def sigmas(self) -> torch.Tensor:
+        return annealing_sigmas(self.num_steps, self.sigma_max, self.sigma_min, self.rho)
+
+
+@dataclass(frozen=True)
+class ODEConfig:
+    """The PF-ODE grid of one annealing step (Euler, ``num_steps`` steps down to ``sigma_min``)."""
+
+    num_steps: int = 2
+    sigma_min: float = 0.001
+    rho: int = 7
+
+
 def poly_sigmas(sigma_max: float, sigma_min: float, num_points: int, rho: int = 7) -> np.ndarray:
     """(sigma_max^(1/rho) + r (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, r = linspace(0, 1)."""
     # Point by point with numpy float64 scalars, as DAPS does (a vectorised pow may differ by 1 ulp).

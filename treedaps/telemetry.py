@@ -156,6 +156,7 @@ class Telemetry:
             for k in now:
                 self.optimization_counts[k] += now[k] - self._opt_snapshot[k]
         self._current["optimize_peak_mb"] = self._peak()
+        split_event_time(info["record"], self._current["optimize_s"])
         self.events.append(dict(event="optimize", step=info["step"], record=info["record"]))
 
     def _on_step_end(self, info: dict) -> None:
@@ -208,3 +209,20 @@ class Telemetry:
     def close(self) -> None:
         for c in self.counters.values():
             c.remove()
+
+
+def split_event_time(record: dict, seconds: float) -> None:
+    """Time of one optimisation event into its record: per particle, ``time_s`` = the event's time x
+    its share of the event's decoder evaluations (each evaluation is one particle's decoder pass,
+    so the shares follow the work; a particle that did not run gets 0); per measurement,
+    ``totals.time_s`` = the sum over its particles, and ``wall_s`` = ``iteration_s`` = the whole
+    event's time (shared by every measurement of the batch). The optimiser itself reads no clock."""
+    rows = [row for rec in record.values() for row in rec["particles"]]
+    evals = [row["decoder_forward_backward"] + row["decoder_forward_only"] for row in rows]
+    total = sum(evals)
+    for row, n in zip(rows, evals):
+        row["time_s"] = seconds * n / total if total else 0.0
+    for rec in record.values():
+        rec["totals"].update(time_s=sum(row["time_s"] for row in rec["particles"]),
+                             wall_s=seconds, iteration_s=seconds)
+

@@ -58,16 +58,14 @@ weak                  3: 32, 40, 49           3 x 100 = 300 (lr 1e-3)
 For scale: LatentDAPS's MCMC costs 50 x 100 = 5,000 Langevin (or 50 x 65 = 3,250 HMC) decoder
 forward+backward passes per particle over the whole run.
 
-Timing rule: after every iteration the device is synchronised and the iteration's wall time is
-split EQUALLY among the particles active in that iteration; a particle's ``time_s`` is the sum of
-its shares (so the per-particle times add up to the event's iteration time; setup is in
-``wall_s`` of the totals only). A stopped particle accrues no more time.
+The optimiser itself (per-particle AdamW, row shrinking, the stop rules) is the pure function
+``optimizer.optimize_latents``; this module holds its presets, its schedule and budget, and the
+sampler hook. Time is measured by telemetry only (``Telemetry._on_optimize_end``: an event's time
+split over its particles by their share of the event's decoder evaluations).
 """
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -76,13 +74,16 @@ import torch
 from ..device import Device
 from ..models.base import LatentModel
 from ..particles import Particles
+from .optimizer import STOP_REASONS, ParticleResult, optimize_latents, totals
+
+__all__ = ["PRESETS", "SCHEDULES", "STARTS", "STOP_REASONS", "OptimizationConfig", "ParticleResult",
+           "event_cap", "make_optimize_hook", "max_passes_per_particle", "optimization_steps",
+           "optimize_latents"]
 
 log = logging.getLogger("treedaps")
 
-STOP_REASONS = ("eps", "noise", "plateau", "max_iters", "budget", "nonfinite")
 SCHEDULES = ("cost_aware", "dense", "final")
 STARTS = ("z0y", "z0hat")
-STATE_KEY = "opt_iters_used"   # particles.state: per-particle iterations spent so far (long, (B,))
 
 
 @dataclass(frozen=True)
@@ -232,193 +233,16 @@ def max_passes_per_particle(cfg: OptimizationConfig, k0: int, num_steps: int) ->
     return dict(steps=steps, iterations=used, decoder_evaluations=used + events)
 
 
-# -- the optimisation -------------------------------------------------------------------------------
-@dataclass
-class ParticleResult:
-    """One particle's outcome of one optimisation event (losses are mean-squared per entry)."""
-
-    id: int
-    iterations: int = 0                  # optimiser steps taken
-    time_s: float = 0.0                  # its share of the iteration wall time (module docstring)
-    loss_before: float | None = None     # L_0, at the start
-    loss_after: float | None = None      # loss of the returned iterate
-    stop_reason: str = ""
-    cap: int = 0                         # its per-event iteration cap
-    decoder_forward_backward: int = 0    # decoder passes under autograd (each followed by a backward)
-    decoder_forward_only: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _clock(device: Device) -> float:
-    device.synchronize()
-    return time.perf_counter()
-
-
-def _new_optimizer(param: torch.Tensor, cfg: OptimizationConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _shrink(param: torch.Tensor, opt: torch.optim.AdamW, rows: list[int],
-            cfg: OptimizationConfig) -> tuple[torch.Tensor, torch.optim.AdamW]:
-    """Rebuild the parameter from ``rows`` with their gradient and AdamW state rows."""
-    index = torch.tensor(rows, dtype=torch.long, device=param.device)
-    new = param.detach().index_select(0, index).clone().requires_grad_(True)
-    if param.grad is not None:
-        new.grad = param.grad.index_select(0, index).clone()
-    new_opt = _new_optimizer(new, cfg)
-    old_state = opt.state.get(param, {})
-    if old_state:
-        new_opt.state[new] = {
-            k: (v.index_select(0, index.to(v.device)).clone()
-                if torch.is_tensor(v) and v.ndim > 0 and v.shape == param.shape else
-                (v.clone() if torch.is_tensor(v) else v))
-            for k, v in old_state.items()}
-    return new, new_opt
-
-
-def optimize_latents(z_start: torch.Tensor, y: torch.Tensor, decode: Callable, operator: Callable,
-                     cfg: OptimizationConfig, device: Device, ids: list[int] | None = None,
-                     caps: list[int] | None = None, cap_reasons: list[str] | None = None,
-                     sigma_y: float | None = None) -> tuple[torch.Tensor, list[ParticleResult], dict]:
-    """Minimise each particle's mean-squared residual over its latent, independently.
-
-    ``z_start`` (B, ...) latents, ``y`` (B, ...) measurements, ``decode`` latent -> image,
-    ``operator(x)`` -> A(x) (its ``sigma`` is sigma_y for the noise-aware stop unless ``sigma_y``
-    is given). ``caps[b]`` is particle b's iteration cap (default ``cfg.max_iters``) and
-    ``cap_reasons[b]`` what the cap is called ("max_iters" | "budget"); a cap of 0 means the
-    particle does not run (returned unchanged, reason ``cap_reasons[b]``, no decoder pass).
-    Returns (z at each particle's stopping point (B, ...), per-particle results, totals).
-    """
-    t_setup = _clock(device)
-    b = z_start.shape[0]
-    ids = list(range(b)) if ids is None else list(ids)
-    caps = [int(cfg.max_iters)] * b if caps is None else [int(c) for c in caps]
-    cap_reasons = ["max_iters"] * b if cap_reasons is None else list(cap_reasons)
-    sigma = float(getattr(operator, "sigma", 0.0) if sigma_y is None else sigma_y)
-    noise_level = cfg.noise_factor * sigma ** 2 if cfg.noise_aware else None
-    eps2 = cfg.eps ** 2
-    window = int(cfg.plateau_window)
-
-    z_out = z_start.detach().clone()
-    results = [ParticleResult(id=i, cap=c) for i, c in zip(ids, caps)]
-    finite = torch.isfinite(z_start.detach()).flatten(1).all(1).tolist()
-    active: list[int] = []                      # batch positions of the rows of ``param``
-    for pos in range(b):
-        if not finite[pos]:
-            results[pos].stop_reason = "nonfinite"
-        elif caps[pos] <= 0:
-            results[pos].stop_reason = cap_reasons[pos]
-        else:
-            active.append(pos)
-    history: dict[int, list[float]] = {pos: [] for pos in active}
-
-    iter_time = 0.0
-    if active:
-        index = torch.tensor(active, dtype=torch.long, device=z_start.device)
-        param = z_start.detach().index_select(0, index).clone().requires_grad_(True)
-        y_act = y.detach().index_select(0, index.to(y.device))
-        opt = _new_optimizer(param, cfg)
-        prev = param.detach().clone()
-        t_prev = _clock(device)
-        i = 0
-        with torch.enable_grad():
-            while active:
-                members = list(active)              # the particles this iteration is charged to
-                with_grad = any(i < caps[pos] for pos in active)
-                if with_grad:
-                    opt.zero_grad(set_to_none=True)
-                    loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
-                    # One backward per decoder pass under autograd, always (telemetry counts so).
-                    loss.sum().backward()
-                else:                               # every active particle is at its cap
-                    with torch.no_grad():
-                        loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
-                values = loss.detach().tolist()
-                keep, stopped = [], False
-                for row, (pos, value) in enumerate(zip(active, values)):
-                    r, hist = results[pos], history[pos]
-                    if with_grad:
-                        r.decoder_forward_backward += 1
-                    else:
-                        r.decoder_forward_only += 1
-                    if i == 0:
-                        r.loss_before = value
-                    reason = _stop_reason(value, i, hist, eps2, noise_level, window, caps[pos],
-                                          cap_reasons[pos])
-                    hist.append(value)
-                    if reason is None:
-                        keep.append(row)
-                        continue
-                    stopped = True
-                    r.stop_reason, r.iterations = reason, i
-                    if reason == "nonfinite" and i > 0:
-                        r.loss_after, z_out[pos] = hist[i - 1], prev[row]
-                    else:
-                        r.loss_after = value if reason != "nonfinite" else None
-                        z_out[pos] = param.detach()[row]
-                if stopped:
-                    active = [active[row] for row in keep]
-                    if keep:
-                        param, opt = _shrink(param, opt, keep, cfg)
-                        y_act = y_act.index_select(0, torch.tensor(keep, dtype=torch.long,
-                                                                   device=y_act.device))
-                if active:
-                    prev = param.detach().clone()
-                    opt.step()
-                i += 1
-                device.iteration_boundary()
-                t_now = _clock(device)
-                share = (t_now - t_prev) / len(members)
-                for pos in members:
-                    results[pos].time_s += share
-                iter_time += t_now - t_prev
-                t_prev = t_now
-    totals = _totals(results, wall_s=_clock(device) - t_setup, iter_s=iter_time)
-    return z_out, results, totals
-
-
-def _stop_reason(value: float, i: int, hist: list[float], eps2: float, noise_level: float | None,
-                 window: int, cap: int, cap_reason: str) -> str | None:
-    """The stop rule of evaluation i (module docstring); ``hist`` holds L_0 .. L_{i-1}."""
-    if not math.isfinite(value):
-        return "nonfinite"
-    if value < eps2:
-        return "eps"
-    if noise_level is not None and value <= noise_level:
-        return "noise"
-    if window > 0 and i >= window and value > hist[i - window]:
-        return "plateau"
-    if i >= cap:
-        return cap_reason
-    return None
-
-
-def _totals(results: list[ParticleResult], wall_s: float, iter_s: float) -> dict:
-    reasons: dict[str, int] = {}
-    for r in results:
-        reasons[r.stop_reason] = reasons.get(r.stop_reason, 0) + 1
-    return dict(particles=len(results),
-                iterations=sum(r.iterations for r in results),
-                max_iterations=max((r.iterations for r in results), default=0),
-                decoder_forward_backward=sum(r.decoder_forward_backward for r in results),
-                decoder_forward_only=sum(r.decoder_forward_only for r in results),
-                time_s=sum(r.time_s for r in results), iteration_s=iter_s, wall_s=wall_s,
-                stop_reasons=reasons)
-
-
 # -- the sampler hook -------------------------------------------------------------------------------
-def make_optimize_hook(model: LatentModel, operator: Callable, cfg: OptimizationConfig, device: Device,
-                       num_steps: int | None = None) -> Callable:
-    """``SearchHooks.optimize``: hook(particles, z0hat, z0y, step) -> (new z0y, record).
+def make_optimize_hook(model: LatentModel, operator: Callable, cfg: OptimizationConfig,
+                       device: Device) -> Callable:
+    """``SearchHooks.optimize``: hook(particles, z0hat, z0y, step, final_pass) -> (new z0y, record).
 
     Starts from ``z0y`` or ``z0hat`` (``cfg.start``). Each particle's iterations over all events
-    are kept in ``particles.state["opt_iters_used"]`` (a (B,) long tensor, so ``select`` slices it
-    and copies inherit their parent's count). ``num_steps`` (N) tells which event is the final pass
-    (step N - 1), the only one allowed into ``cfg.final_reserve``; without it the reserve is not
-    applied (every event: cap = min(max_iters, remaining budget)). A particle whose cap is 0 does
-    not run (``skipped``) and keeps its MCMC z0y.
+    are kept in ``particles.state.opt_iters_used`` (a (B,) long tensor, so ``select`` slices it
+    and copies inherit their parent's count). ``final_pass`` (the plan's: step N - 1) is the only
+    event allowed into ``cfg.final_reserve``. A particle whose cap is 0 does not run
+    (``skipped``) and keeps its MCMC z0y.
 
     The record is {measurement position: {"particles": [per particle: id, image_index,
     iterations, time_s, loss_before, loss_after, stop_reason, cap, decoder_forward_backward,
@@ -426,16 +250,14 @@ def make_optimize_hook(model: LatentModel, operator: Callable, cfg: Optimization
     per measurement entry (operator.loss / #entries), not DAPS's sum.
     """
 
-    def hook(particles: Particles, z0hat: torch.Tensor, z0y: torch.Tensor, step: int):
+    def hook(particles: Particles, z0hat: torch.Tensor, z0y: torch.Tensor, step: int, final: bool):
         b = len(particles)
-        used_t = particles.state.get(STATE_KEY)
+        used_t = particles.state.opt_iters_used
         used = [0] * b if used_t is None else [int(u) for u in used_t.tolist()]
-        final = num_steps is None or int(step) == int(num_steps) - 1
         caps, reasons = zip(*[event_cap(cfg, u, final) for u in used]) if b else ((), ())
         start = z0y if cfg.start == "z0y" else z0hat
-        z_new, results, totals = optimize_latents(start, particles.y, model.decode, operator, cfg,
-                                                  device, ids=particles.ids, caps=list(caps),
-                                                  cap_reasons=list(reasons))
+        z_new, results = optimize_latents(start, particles.y, model.decode, operator, cfg, device,
+                                          ids=particles.ids, caps=list(caps), cap_reasons=list(reasons))
         ran = [r.decoder_forward_backward + r.decoder_forward_only > 0 for r in results]
         starved = [particles.key(p) for p in range(b) if not ran[p] and results[p].stop_reason == "budget"]
         if starved:
@@ -446,7 +268,7 @@ def make_optimize_hook(model: LatentModel, operator: Callable, cfg: Optimization
             keep_mcmc = torch.tensor([not x for x in ran], device=z_new.device)
             z_new = torch.where(keep_mcmc.view(-1, *[1] * (z_new.ndim - 1)), z0y.detach(), z_new)
         used_now = [u + r.iterations for u, r in zip(used, results)]
-        particles.state[STATE_KEY] = torch.tensor(used_now, dtype=torch.long, device=particles.z.device)
+        particles.state.opt_iters_used = torch.tensor(used_now, dtype=torch.long, device=particles.z.device)
         record: dict[int, dict] = {}
         for m, positions in particles.groups().items():
             rows = []
@@ -455,9 +277,8 @@ def make_optimize_hook(model: LatentModel, operator: Callable, cfg: Optimization
                 row.update(image_index=particles.image_index[pos], iters_used_total=used_now[pos],
                            skipped=not ran[pos])
                 rows.append(row)
-            sub = _totals([results[p] for p in positions], wall_s=totals["wall_s"],
-                          iter_s=totals["iteration_s"])
-            sub.update(start=cfg.start, batch_particles=b, final_pass=final if num_steps else None,
+            sub = totals([results[p] for p in positions])
+            sub.update(start=cfg.start, batch_particles=b, final_pass=bool(final),
                        skipped=sum(not ran[p] for p in positions),
                        budget=cfg.budget, budget_left_min=(None if cfg.budget is None else
                                                            min(cfg.budget - used_now[p] for p in positions)))

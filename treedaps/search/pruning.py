@@ -36,8 +36,7 @@ from ..device import Device
 from ..modes import rot180
 from ..models.base import LatentModel
 from ..operators import PhaseRetrieval
-from ..particles import Particles
-from ..sampler import Retired
+from ..particles import Particles, Retired
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,10 @@ class PruningConfig:
     dry_run: bool = False           # record the decisions only; every particle goes on
 
     def __post_init__(self):
+        if int(self.num_keep) < 1:
+            raise ValueError(f"pruning.num_keep must be >= 1, got {self.num_keep}")
+        if not float(self.loss_factor) >= 1:
+            raise ValueError(f"pruning.loss_factor must be >= 1, got {self.loss_factor}")
         if self.criterion not in ("z0hat", "z0y"):
             raise ValueError(f"pruning.criterion must be z0hat or z0y, got {self.criterion!r}")
 
@@ -119,14 +122,14 @@ def select(losses: list[float], plain: list[list[float]], twin: list[list[float]
 
 
 def make_prune_hook(model: LatentModel, operator: PhaseRetrieval, cfg: PruningConfig, device: Device):
-    """``SearchHooks.prune``: (particles, step) -> (survivors, retired, {m: record})."""
+    """``SearchHooks.prune``: (particles, step, z0y, z0hat) -> (survivors, retired, {m: record}).
+
+    ``z0y`` / ``z0hat`` are the previous step's estimates of ``particles`` (the loop passes them)."""
 
     @torch.no_grad()
-    def prune(particles: Particles, step: int):
-        z0y = particles.state.get("z0y", particles.z)
+    def prune(particles: Particles, step: int, z0y: torch.Tensor, z0hat: torch.Tensor):
         x = model.decode(z0y)
-        judged = particles.state.get(cfg.criterion, particles.z)
-        x_judged = x if cfg.criterion == "z0y" else model.decode(judged)
+        x_judged = x if cfg.criterion == "z0y" else model.decode(z0hat)
         losses = operator.loss(x_judged, particles.y).tolist()
         keep_positions: list[int] = []
         copy_parents: list[int] = []
