@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(text + "\n")
     if args.csv or args.latex:
         rows = quality_rows(runs, args.tolerance)
-        if args.csv:
-            Path(args.csv).write_text(to_csv(rows))
-        if args.latex:
-            Path(args.latex).write_text(to_latex(rows))
+        for path, text in ((args.csv, to_csv), (args.latex, to_latex)):
+            if path:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_text(text(rows))
     if args.plots:
         from .figures import write_figures  # noqa: PLC0415 - matplotlib only when asked
 
