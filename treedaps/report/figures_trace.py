@@ -41,7 +41,10 @@ def pairwise_distance(runs: list[dict], folder: Path) -> list[Path]:
             ax.axvline(branch, color=f"C{i}", ls=":", lw=1)
     ax.set_xlabel("annealing step")
     ax.set_ylabel("mean pairwise z0y distance")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no traces", ha="center", transform=ax.transAxes)
     return save(fig, folder, "pairwise_z0y_vs_step")
 
 

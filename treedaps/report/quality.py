@@ -109,8 +109,8 @@ def comparability_warnings(runs: list[dict]) -> list[str]:
     for r in runs[1:]:
         keys = {unit_key(u) for u in r.get("_units") or []}
         if keys != ref_keys:
-            seeds = sorted({k[1] for k in keys} ^ {k[1] for k in ref_keys}, key=str)
-            what = f"seeds differ ({', '.join(map(str, seeds))})" if seeds else "measurement sets differ"
+            sa, sb = (sorted({k[1] for k in ks}, key=str) for ks in (ref_keys, keys))
+            what = f"seeds differ ({sa} vs {sb})" if sa != sb else "measurement sets differ"
             out.append(f"warning: {name(r)} and {name(ref)}: {what}: {len(keys & ref_keys)} common of "
                        f"{len(keys)} / {len(ref_keys)} measurements")
         n_a, n_b = (x.get("metadata", {}).get("num_samples") for x in (ref, r))
