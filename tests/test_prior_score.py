@@ -72,3 +72,23 @@ def test_prior_score_shape_determinism_and_batch_independence():
     assert torch.equal(a, prior_score(m, x, sigmas=(1.0, 2.0), num_draws=3))
     with pytest.raises(ValueError, match="num_draws"):
         prior_score(m, x, num_draws=0)
+
+
+def test_runner_stores_the_prior_score_outside_the_counts(tmp_path):
+    import json
+
+    from test_runner import make_cfg
+    from treedaps.runner import Experiment
+
+    records = {}
+    for on in (True, False):
+        cfg = make_cfg(tmp_path, "data.end_id=1", "num_samples=2", f"telemetry.prior_score={str(on).lower()}",
+                       name=f"p{on}")
+        exp = Experiment(cfg)
+        exp.run()
+        records[on] = json.loads((tmp_path / f"p{on}" / "units" / "00000.json").read_text())
+    tensors = torch.load(tmp_path / "pTrue" / "units" / "00000.pt", weights_only=True)
+    want = prior_score(exp.model, tensors["images"]).tolist()
+    assert [p["prior_score"] for p in records[True]["particles"]] == pytest.approx(want, rel=1e-9)
+    assert all("prior_score" not in p for p in records[False]["particles"])
+    assert records[True]["compute"] == records[False]["compute"]       # not the algorithm's compute
