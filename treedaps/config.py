@@ -32,7 +32,7 @@ SCHEMA: dict[str, set | None] = {
     "save_grids": set(), "progress": set(), "deterministic": set(), "threads": set(),
     "dist_timeout_min": set(),
     "modes": {"min_psnr", "margin"},
-    "telemetry": {"diagnostics", "pairwise_matrices"},
+    "telemetry": {"diagnostics", "pairwise_matrices", "prior_score"},
     "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
     "pruning": {"num_keep", "loss_factor", "replace_hopeless", "image_size", "criterion", "dry_run"},
     "optimization": {"preset", "lr", "max_iters", "eps", "plateau_window", "weight_decay", "noise_aware",

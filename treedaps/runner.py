@@ -31,6 +31,7 @@ from .results import (RunDir, atomic_save_png, atomic_write_json, git_revision, 
 from .rng import measurement_generator
 from .sampler import SampleOutput, sample
 from .search import SearchHooks, build_search
+from .search.prior_score import prior_score
 from .telemetry import Telemetry
 
 log = logging.getLogger("treedaps")
@@ -205,6 +206,10 @@ class Experiment:
                 row[name] = v
         for row, lab in zip(scored, label_modes(gt.expand_as(stack), stack, self.settings.thresholds)):
             row.update(lab)
+        if self.cfg.telemetry.get("prior_score", True):   # after the run: not in its time or counts
+            scores = prior_score(self.model, stack.to(self.device.torch_device))
+            for row, v in zip(scored, scores.tolist()):
+                row["prior_score"] = v
         return unavailable
 
     def _unit_record(self, m: int, item: dict, seed: int, unit: str, rows: list[dict],

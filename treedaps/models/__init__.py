@@ -6,7 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..device import Device
 from .base import LatentModel
 
-TOY_KEYS = {"num_base", "image_size", "component_std", "unshuffle", "image_seed", "sigma_mapping"}
+TOY_KEYS = {"num_base", "image_size", "component_std", "unshuffle", "image_seed", "sigma_mapping", "base_weight"}
 
 
 def build_model(cfg: DictConfig, device: Device) -> LatentModel:

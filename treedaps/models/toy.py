@@ -6,10 +6,12 @@ the real checkpoints (``model=ffhq256ldm`` / ``model=imagenet256ldm``).
 * Images: ``num_base`` 32 x 32 RGB pictures in [-1, 1] drawn by ``draw_images`` from a fixed seed
   (a colour gradient plus a few rectangles and discs at asymmetric places).
 * Closed under 180-degree rotation: every base image and its rotation are both components, so the
-  twin of a ground truth is exactly as probable a priori as the truth itself.
-* Prior: p(x) = (1/K) sum_k N(x; mu_k, s^2 I) with s = ``component_std``. The Tweedie denoiser is
-  exact: D(z, sigma) = sum_k w_k(z) (mu_k + s^2 / (s^2 + sigma^2) (z - mu_k)),
-  w_k proportional to exp(-||z - mu_k||^2 / (2 (s^2 + sigma^2))).
+  twin of a ground truth is exactly as probable a priori as the truth itself (``base_weight`` 0.5,
+  the default). ``base_weight`` w != 0.5 gives the base images together weight w and their
+  rotations 1 - w: a prior that prefers the upright picture, as a real image prior would.
+* Prior: p(x) = sum_k pi_k N(x; mu_k, s^2 I) with s = ``component_std``, pi_k = 1/K by default. The
+  Tweedie denoiser is exact: D(z, sigma) = sum_k w_k(z) (mu_k + s^2 / (s^2 + sigma^2) (z - mu_k)),
+  w_k proportional to pi_k exp(-||z - mu_k||^2 / (2 (s^2 + sigma^2))).
 * Latents: ``pixel_unshuffle`` by 2, (3, 32, 32) -> (12, 16, 16). The map is a permutation (lossless
   and orthogonal), so the mixture is the same in latent space and the whole latent code path
   (decode inside the data gradient) is exercised.
@@ -85,11 +87,15 @@ class DepthToSpace(nn.Module):
 
 
 class MixtureDenoiser(nn.Module):
-    """Exact E[z0 | z0 + sigma n = z] for p(z0) = (1/K) sum_k N(mu_k, s^2 I), float64 inside."""
+    """Exact E[z0 | z0 + sigma n = z] for p(z0) = sum_k pi_k N(mu_k, s^2 I), float64 inside.
 
-    def __init__(self, means: torch.Tensor, component_std: float):
+    ``log_weights`` (K,) = log pi_k; None = equal weights (no term added: the default's numbers
+    stay bitwise those of the unweighted mixture)."""
+
+    def __init__(self, means: torch.Tensor, component_std: float, log_weights: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("means", means.flatten(1).double())
+        self.register_buffer("log_weights", None if log_weights is None else log_weights.double())
         self.component_std = float(component_std)
 
     def forward(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -98,7 +104,10 @@ class MixtureDenoiser(nn.Module):
         var = sigma ** 2 + self.component_std ** 2                                  # (B or 1, 1)
         sq_dist = ((flat ** 2).sum(1, keepdim=True) + (self.means ** 2).sum(1)[None]
                    - 2 * flat @ self.means.T).clamp_min(0)                          # (B, K)
-        weights = torch.softmax(-sq_dist / (2 * var), dim=1)
+        logits = -sq_dist / (2 * var)
+        if self.log_weights is not None:
+            logits = logits + self.log_weights[None]
+        weights = torch.softmax(logits, dim=1)
         mean = weights @ self.means                                                 # (B, d)
         out = mean + self.component_std ** 2 / var * (flat - mean)
         return out.to(z.dtype).view_as(z)
@@ -108,8 +117,11 @@ class GaussianMixturePrior(LatentModel):
     """The demo prior; see the module docstring."""
 
     def __init__(self, num_base: int = 48, image_size: int = 32, component_std: float = 0.05,
-                 unshuffle: int = 2, image_seed: int = 0, sigma_mapping: str = "daps"):
+                 unshuffle: int = 2, image_seed: int = 0, sigma_mapping: str = "daps",
+                 base_weight: float = 0.5):
         super().__init__()
+        if not 0 < base_weight < 1:
+            raise ValueError(f"model.base_weight must be in (0, 1), got {base_weight}")
         base = draw_images(num_base, image_size, image_seed)
         # Components: base images then their 180-degree rotations (index k + num_base is k's twin).
         components = torch.cat([base, torch.rot90(base, 2, dims=(-2, -1))])
@@ -119,7 +131,11 @@ class GaussianMixturePrior(LatentModel):
         means = self.encoder(components)
         self.latent_shape = tuple(means.shape[1:])
         self.register_buffer("images", components)
-        self.mixture = MixtureDenoiser(means, component_std)
+        log_weights = None
+        if base_weight != 0.5:
+            log_weights = torch.cat([torch.full((num_base,), math.log(base_weight / num_base)),
+                                     torch.full((num_base,), math.log((1 - base_weight) / num_base))])
+        self.mixture = MixtureDenoiser(means, component_std, log_weights)
         self.noise_levels = get_noise_levels(sigma_mapping)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .common import name, unit_key, unit_name
+from .differences import differences_table, pairing_warnings
 
 SUCCESSES = ("found_truth", "both_modes_covered")
 
@@ -153,8 +154,9 @@ def pruning_regret(a: dict, b: dict, ua: dict, ub: dict, common: list, pair: Pai
             f"{regret}/{len(common)} = {regret / len(common):.2f}")
 
 
-def paired(a: dict, b: dict, successes: tuple[str, ...] = SUCCESSES) -> str:
-    """The pairing statement, one 2 x 2 table per success criterion, and the pruning regret."""
+def paired(a: dict, b: dict, successes: tuple[str, ...] = SUCCESSES, tol: float = 1.05) -> str:
+    """The pairing statement and warnings, one 2 x 2 table per success criterion, the paired
+    differences (quality per pick, time, memory), and the pruning regret."""
     ua = {unit_key(u): u for u in a.get("_units") or []}
     ub = {unit_key(u): u for u in b.get("_units") or []}
     common = sorted(set(ua) & set(ub))
@@ -162,8 +164,11 @@ def paired(a: dict, b: dict, successes: tuple[str, ...] = SUCCESSES) -> str:
         return f"no common measurements between {name(a)} and {name(b)}"
     pair = pairing(ua, ub, common, (name(a), name(b)))
     lines = [f"paired over {len(common)} measurements (image, seed): {pair.describe()}"]
+    lines += pairing_warnings(a, b, ua, ub, pair.kind, pair.describe())
     for success in successes:
         lines += [""] + success_table(a, b, ua, ub, common, success)
+    lines += ["", "paired differences (mean with 95% bootstrap interval, Wilcoxon signed-rank):", "",
+              differences_table(a, b, ua, ub, common, tol)]
     regret = pruning_regret(a, b, ua, ub, common, pair)
     if regret:
         lines += ["", regret]
