@@ -94,9 +94,18 @@ class ResampleConfig:
     @classmethod
     def from_mapping(cls, mapping) -> "ResampleConfig":
         values = {k: v for k, v in dict(mapping or {}).items() if v is not None}
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(types))
         if unknown:
-            raise ValueError(f"unknown resample key(s) {', '.join(unknown)}")
+            raise ValueError(f"unknown resample key(s) {', '.join(unknown)} (known: {', '.join(types)})")
+        for key, value in values.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if types[key] in ("int", "float") and not number:
+                raise ValueError(f"resample.{key} must be a number, got {value!r}")
+            if types[key] == "bool" and not isinstance(value, bool):
+                raise ValueError(f"resample.{key} must be true or false, got {value!r}")
+            if types[key] == "int" and value != int(value):
+                raise ValueError(f"resample.{key} must be an integer, got {value!r}")
         return cls(**values)
 
     def as_dict(self) -> dict:
