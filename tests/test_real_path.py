@@ -42,6 +42,8 @@ REAL = ["model=tiny_ldm", "data=demo-ffhq", "data.resolution=64",
         "sampler.annealing_scheduler_config.num_steps=8",
         "task.ldm.mcmc_sampler_config.num_steps=3", "task.ldm_hmc.mcmc_sampler_config.num_steps=3",
         "optimization.max_iters=4", "optimization.plateau_window=2",
+        "resample.num_steps=10", "resample.interval=2", "resample.latent_max_iters=4", "resample.pixel_max_iters=4",
+        "resample.plateau_window=2",
         "eval_fn_list=[psnr,ssim]", "progress=false", "save_samples=false"]
 
 # (script, flags, run folder name): every experiment of the study, as the user runs it.
@@ -54,9 +56,10 @@ RUNS = [
     ("exp3_2particle.sh", ["--10", "data.end_id=2"], "exp3_2particle_demo-ffhq_n10"),
     *[("exp4_optimization.sh", ["--1", f"optimization.preset={p}", f"name=exp4_{p}"], f"exp4_{p}")
       for p in ("resample", "cost_aware", "dense", "weak")],
+    ("resample_baseline.sh", ["--1"], "resample_baseline_demo-ffhq_n1"),
 ]
 EXP5 = ["exp5_exp0_demo-ffhq_n10", "exp5_best_demo-ffhq_n10", "exp5_best_N1_demo-ffhq_n10",
-        "exp5_best_N2_demo-ffhq_n10", "exp5_best_N8_demo-ffhq_n10"]
+        "exp5_best_N2_demo-ffhq_n10", "exp5_best_N8_demo-ffhq_n10", "exp5_resample_demo-ffhq_n10"]
 
 
 def script(name: str, *args: str, save_dir: Path) -> subprocess.CompletedProcess:
@@ -106,7 +109,8 @@ def test_presets_reach_the_runs(study):
     save_dir, _ = study
     n = {f: metrics(save_dir, f)["metadata"]["num_samples"] for f in EXP5}
     assert n == {"exp5_exp0_demo-ffhq_n10": 4, "exp5_best_demo-ffhq_n10": 4, "exp5_best_N1_demo-ffhq_n10": 1,
-                 "exp5_best_N2_demo-ffhq_n10": 2, "exp5_best_N8_demo-ffhq_n10": 8}
+                 "exp5_best_N2_demo-ffhq_n10": 2, "exp5_best_N8_demo-ffhq_n10": 8,
+                 "exp5_resample_demo-ffhq_n10": 4}
     assert len(metrics(save_dir, "exp5_best_demo-ffhq_n10")["units"]) == 10
     hmc = (save_dir / "exp0b_hmc_demo-ffhq_n1" / "config.yaml").read_text()
     assert "task_group: ldm_hmc" in hmc
@@ -116,6 +120,9 @@ def test_presets_reach_the_runs(study):
     assert [p["status"] for p in unit["particles"]].count("final") == 2
     n8 = json.loads((save_dir / "exp5_best_N8_demo-ffhq_n10" / "units" / "00000.json").read_text())
     assert [p["status"] for p in n8["particles"]].count("final") == 4          # 8 -> 4
+    rs = metrics(save_dir, "exp5_resample_demo-ffhq_n10")["metadata"]["algorithm"]
+    assert rs == "resample (coupling=independent, 10 DDIM steps, z0hat=code)"
+    assert "sigma_mapping: checkpoint" in (save_dir / "exp5_resample_demo-ffhq_n10" / "config.yaml").read_text()
 
 
 def test_exp4_presets_optimise_on_the_real_network(study):
