@@ -150,6 +150,11 @@ def test_demo_run_through_the_runner(tmp_path):
     assert merged["optimization"]["events"] == 4 * 4
 
 
+def test_search_keys_with_resample_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="algorithm=resample runs no tree search: set pruning_step off"):
+        Experiment(cfg_of(tmp_path, "pruning_step=200"))
+
+
 # -- the tiny CompVis LDM -----------------------------------------------------------------------------
 needs_tiny = pytest.mark.skipif(not TINY.is_file(), reason=f"tiny LDM fixture absent ({TINY})")
 

@@ -34,6 +34,11 @@ def build_baseline(cfg: DictConfig, model: LatentModel) -> Baseline | None:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {name!r}")
     if name == "latent_daps":
         return None
+    search = [k for k in ("repulsion_scale", "pruning_step", "optimization_step")
+              if float(cfg.get(k, 0 if k == "repulsion_scale" else -1)) != (0 if k == "repulsion_scale" else -1)]
+    if search:
+        raise ValueError(f"algorithm=resample runs no tree search: set {', '.join(search)} off "
+                         "(repulsion_scale=0, pruning_step=-1, optimization_step=-1)")
     block = cfg.get("resample")
     rcfg = ResampleConfig.from_mapping(OmegaConf.to_container(block, resolve=True) if block is not None else {})
     check_model(model)
