@@ -13,6 +13,9 @@ Sections (each one guarded: a failure is recorded and the rest goes on):
              before and after the pruning, and the same schedule without pruning (ratio)
   optimize   FFHQ full size: time per latent-optimisation iteration, the iterations that
              ReSample's stopping rule actually runs at sigma_y = 0.05, optimisation peak memory
+  resample   the ReSample baseline at 4 particles on full-size FFHQ (random weights): 10 DDIM steps
+             with capped events; time per DDIM+DPS step, per pixel / latent iteration, peak memory,
+             and the upper bound of a full 500-step run from them (docs/resample.md)
   demo       the embedded demo end to end on CUDA
   tests      the test suite with CUDA visible
 The last lines printed are a table; details go to <out>/gpu_check.json.
@@ -104,13 +107,13 @@ def section_parity(dev, results):
              f"{all(v for k, v in out.items() if k.endswith('equal'))}")]
 
 
-def full_model(name: str, dev, smoke: bool):
+def full_model(name: str, dev, smoke: bool, mapping: str = "daps"):
     if smoke:
         cfg = OmegaConf.load(SHARED / f"tiny_{name}_ldm.yaml")
     else:
         cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{name}256ldm.yaml")
     torch.manual_seed(0)
-    model = CompVisLDM(OmegaConf.to_container(cfg.ldm_config, resolve=False), "daps",
+    model = CompVisLDM(OmegaConf.to_container(cfg.ldm_config, resolve=False), mapping,
                        cfg.get("class_label"))
     return model.to(dev.torch_device).eval()
 
@@ -239,6 +242,41 @@ def section_optimize(dev, results, smoke: bool):
             ("ReSample rule: iterations run (b=8)", f"{sorted(iters)} ({', '.join(sorted(set(res['stop_reasons'])))})")]
 
 
+def section_resample(dev, results, smoke: bool):
+    from treedaps.baselines.resample import ResampleConfig, resample  # noqa: PLC0415
+
+    model = full_model("ffhq", dev, smoke, mapping="checkpoint")
+    op = PhaseRetrieval(2.0, model.image_shape[-1], 0.05)
+    x = torch.rand(1, *model.image_shape) * 2 - 1
+    y = op.measure(x, torch.Generator().manual_seed(0))
+    parts = Particles.start(y, [0], [42], 4, model.latent_shape, 1.0, dev)
+    tel = Telemetry(dev, model, op, None, diagnostics=False, record_matrices=False)
+    cap = 3 if smoke else 20               # pixel at steps 3, 5; latent at 7; final at 9
+    cfg = ResampleConfig(num_steps=10, interval=2, pixel_max_iters=cap, latent_max_iters=cap, plateau_window=0)
+    dev.reset_peak()
+    resample(model, op, parts, cfg, dev, tel)
+    tel.close()
+    plain = [s["time_s"] for s in tel.steps if not s["optimize_s"]]
+    events = {e["step"]: e["record"][0]["totals"] for e in tel.events}
+
+    def per_event(kind):                   # (s per iteration of the batch, s of the event's other work)
+        ev = [(t["time_s"] / max(1, t["max_iterations"]), tel.steps[s]["optimize_s"] - t["time_s"])
+              for s, t in events.items() if t["kind"] == kind]
+        return tuple(statistics.fmean(v) for v in zip(*ev))
+
+    (pix, pix_o), (lat, lat_o), (fin, fin_o) = per_event("pixel"), per_event("latent"), per_event("final")
+    full = (500 * statistics.fmean(plain) + 17 * (pix_o + 2000 * pix) + 16 * (lat_o + 500 * lat)
+            + fin_o + 500 * fin)
+    res = dict(particles=4, ddim_step_s=statistics.fmean(plain), pixel_iteration_s=pix, latent_iteration_s=lat,
+               pixel_event_overhead_s=pix_o, latent_event_overhead_s=lat_o,
+               peak_mb=max(s["peak_mb"] or 0 for s in tel.steps),
+               full_run_upper_bound_s=full, compute=tel.compute_counts())
+    results["resample"] = res
+    return [("ReSample DDIM+DPS step (4 particles)", f"{res['ddim_step_s']:.3f} s, peak {res['peak_mb']} MB"),
+            ("ReSample iteration pixel / latent (4)", f"{1000 * pix:.2f} / {1000 * lat:.1f} ms"),
+            ("ReSample 500 steps, caps (upper bound)", f"{full:.0f} s per image at 4 particles")]
+
+
 def section_demo(dev, results, smoke: bool, out: Path):
     cmd = [sys.executable, str(ROOT / "posterior_sample.py"), f"device={'cpu' if smoke else 'cuda'}",
            f"save_dir={out / 'runs'}", "name=demo_device", "data.end_id=2", "progress=false",
@@ -278,6 +316,7 @@ def main() -> int:
                 ("imagenet", lambda: section_full("imagenet", dev, results, args.smoke)),
                 ("pruning", lambda: section_pruning(dev, results, args.smoke)),
                 ("optimize", lambda: section_optimize(dev, results, args.smoke)),
+                ("resample", lambda: section_resample(dev, results, args.smoke)),
                 ("demo", lambda: section_demo(dev, results, args.smoke, out)),
                 ("tests", lambda: section_tests(dev, results, args.smoke))]
     for name, fn in sections:

@@ -44,15 +44,16 @@ RUNS = [
     ("exp3_2particle.sh", ["--10", "data.end_id=2"], "exp3_2particle_demo-ffhq_n10"),
     *[("exp4_optimization.sh", ["--1", f"optimization.preset={p}", f"name=exp4_{p}"], f"exp4_{p}")
       for p in ("resample", "cost_aware", "dense", "weak")],
+    ("resample_baseline.sh", ["--1"], "resample_baseline_demo-ffhq_n1"),
 ]
 EXP5 = ["exp5_exp0_demo-ffhq_n10", "exp5_best_demo-ffhq_n10", "exp5_best_N1_demo-ffhq_n10",
-        "exp5_best_N2_demo-ffhq_n10", "exp5_best_N8_demo-ffhq_n10"]
+        "exp5_best_N2_demo-ffhq_n10", "exp5_best_N8_demo-ffhq_n10", "exp5_resample_demo-ffhq_n10"]
 
 
-def script(name: str, *args: str, save_dir: Path) -> subprocess.CompletedProcess:
+def script(name: str, *args: str, save_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "TREEDAPS_SAVE_DIR": str(save_dir), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", str(REPO / "commands_gpu" / name), *args, *REAL], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,9 @@ def study(tmp_path_factory):
         outcomes[folder] = script(name, *flags, save_dir=save_dir)
     # exp 5: the whole final evaluation (exp 0 paired, best setting, N = 1 / 2 / 8) on 10 real images,
     # 5 measurements per batch and 4 annealing steps to keep it short.
+    # 6 runs of 10 images (with ReSample): ~3 CPU-minutes, far longer on a shared, loaded machine.
     res = script("exp5_final.sh", "--10", "batch_size=5", "sampler.annealing_scheduler_config.num_steps=4",
-                 save_dir=save_dir)
+                 save_dir=save_dir, timeout=1800)
     for folder in EXP5:
         outcomes[folder] = res
     return save_dir, outcomes
@@ -96,7 +98,8 @@ def test_presets_reach_the_runs(study):
     save_dir, _ = study
     n = {f: metrics(save_dir, f)["metadata"]["num_samples"] for f in EXP5}
     assert n == {"exp5_exp0_demo-ffhq_n10": 4, "exp5_best_demo-ffhq_n10": 4, "exp5_best_N1_demo-ffhq_n10": 1,
-                 "exp5_best_N2_demo-ffhq_n10": 2, "exp5_best_N8_demo-ffhq_n10": 8}
+                 "exp5_best_N2_demo-ffhq_n10": 2, "exp5_best_N8_demo-ffhq_n10": 8,
+                 "exp5_resample_demo-ffhq_n10": 4}
     assert len(metrics(save_dir, "exp5_best_demo-ffhq_n10")["units"]) == 10
     hmc = (save_dir / "exp0b_hmc_demo-ffhq_n1" / "config.yaml").read_text()
     assert "task_group: ldm_hmc" in hmc
@@ -106,6 +109,9 @@ def test_presets_reach_the_runs(study):
     assert [p["status"] for p in unit["particles"]].count("final") == 2
     n8 = json.loads((save_dir / "exp5_best_N8_demo-ffhq_n10" / "units" / "00000.json").read_text())
     assert [p["status"] for p in n8["particles"]].count("final") == 4          # 8 -> 4
+    rs = metrics(save_dir, "exp5_resample_demo-ffhq_n10")["metadata"]["algorithm"]
+    assert rs == "resample (coupling=independent, 10 DDIM steps, z0hat=code)"
+    assert "sigma_mapping: checkpoint" in (save_dir / "exp5_resample_demo-ffhq_n10" / "config.yaml").read_text()
 
 
 def test_exp4_presets_optimise_on_the_real_network(study):

@@ -30,13 +30,14 @@ SCHEMA: dict[str, set | None] = {
     "branch_timestep": set(), "use_tpu": set(), "device": set(), "gpu": set(), "batch_size": set(),
     "num_runs": set(), "task_group": set(), "eval_fn_list": set(), "save_samples": set(),
     "save_grids": set(), "progress": set(), "deterministic": set(), "threads": set(),
-    "dist_timeout_min": set(),
+    "dist_timeout_min": set(), "algorithm": set(),
     "modes": {"min_psnr", "margin"},
     "telemetry": {"diagnostics", "pairwise_matrices", "prior_score"},
     "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
     "pruning": {"num_keep", "loss_factor", "replace_hopeless", "image_size", "criterion", "dry_run"},
     "optimization": {"preset", "lr", "max_iters", "eps", "plateau_window", "weight_decay", "noise_aware",
                      "noise_factor", "start", "schedule", "budget", "final_reserve"},
+    "resample": None,     # checked by treedaps.baselines (ResampleConfig.from_mapping)
 }
 METRICS = ("psnr", "ssim", "lpips")
 # Keys read as numbers (a string there would fail inside float() without naming the key).

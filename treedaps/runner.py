@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from . import distributed
+from .baselines import build_baseline
 from .config import Settings, to_container, validate
 from .data import build_dataset, check_dataset
 from .device import Device, select_device
@@ -67,6 +68,9 @@ class Experiment:
         self.hooks: SearchHooks = build_search(self.settings.search, self.model, self.settings.operator,
                                                self.settings.mcmc.tau, self.device)
         self.plan: ResolvedPlan = build_plan(self.settings, self.model)
+        self.baseline = build_baseline(cfg, self.model)    # None: LatentDAPS (``sample``)
+        if self.baseline is not None:
+            self.plan = ResolvedPlan(plan=self.baseline.plan, sigmas=torch.zeros(0))
         if self.rank.is_main:
             for name, r in self.plan.resolved.items():
                 log.info("%s=%g -> annealing step %d of %d (sigma %.4g, t %.1f under sigma_mapping=%s; "
@@ -124,11 +128,11 @@ class Experiment:
         y = torch.cat([s.operator.measure(gt[m:m + 1], measurement_generator(int(cfg.seed), it["index"]))
                        for m, it in enumerate(items)])
         seeds = [seed for _, seed in units]
-        particles = Particles.start(y, [it["index"] for it in items], seeds, int(cfg.num_samples),
-                                    model.latent_shape, s.annealing.sigma_max, dev)
+        particles = Particles.start(y, [it["index"] for it in items], seeds, int(cfg.num_samples), model.latent_shape,
+                                    self.baseline.prior_sigma if self.baseline else s.annealing.sigma_max, dev)
         telemetry = Telemetry(dev, model, s.operator, gt, s.thresholds,
                               bool(cfg.telemetry.diagnostics), bool(cfg.telemetry.pairwise_matrices))
-        steps = tqdm(total=s.annealing.num_steps, desc="annealing", leave=False, disable=not show,
+        steps = tqdm(total=self.plan.plan.num_steps, desc="annealing", leave=False, disable=not show,
                      dynamic_ncols=True)
 
         def callback(event: str, info: dict) -> None:
@@ -145,8 +149,11 @@ class Experiment:
 
         dev.synchronize()
         t0 = time.perf_counter()
-        out = sample(model, s.operator, particles, self.plan.sigmas, self.plan.plan, s.ode, s.mcmc, dev,
-                     self.hooks, callback)
+        if self.baseline is not None:
+            out = self.baseline.sample(model, s.operator, particles, dev, callback)
+        else:
+            out = sample(model, s.operator, particles, self.plan.sigmas, self.plan.plan, s.ode, s.mcmc, dev,
+                         self.hooks, callback)
         dev.synchronize()
         elapsed = time.perf_counter() - t0
         steps.close()
@@ -254,6 +261,7 @@ class Experiment:
                      weights_mb=self.weights_mb),
             git_revision=git_revision(), config_hash=self.config_hash, name=str(self.cfg.name),
             num_units=len(units), num_samples=int(self.cfg.num_samples), world_size=self.rank.world,
+            algorithm=self.baseline.description if self.baseline else "latent_daps",
             written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         merged = merge(units, metadata, self.settings.metrics)
