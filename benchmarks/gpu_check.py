@@ -9,6 +9,8 @@ Sections (each one guarded: a failure is recorded and the rest goes on):
              batch 4, 256 x 256: one MCMC data-gradient step (decode + phase-retrieval loss +
              backward), one denoiser call, 3 annealing steps with exp 0 (Langevin 100) and exp 0b
              (HMC 65) settings, peak memory; with PyTorch's default TF32 settings
+  determinism  FFHQ full size, exp 1's settings for a few steps, twice under deterministic=true
+             (bitwise equal?), and its time cost against PyTorch's defaults
   pruning    FFHQ full size, a short schedule with 4 -> 2 pruning: per-step time and peak memory
              before and after the pruning, and the same schedule without pruning (ratio)
   optimize   FFHQ full size: time per latent-optimisation iteration, the iterations that
@@ -37,16 +39,18 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from treedaps.device import select_device  # noqa: E402
+from treedaps.device import apply_determinism, select_device  # noqa: E402
 from treedaps.mcmc import MCMCConfig, latent_data_gradient  # noqa: E402
 from treedaps.models.ldm import CompVisLDM, build_ldm  # noqa: E402
 from treedaps.operators import PhaseRetrieval  # noqa: E402
 from treedaps.particles import Particles  # noqa: E402
-from treedaps.plan import PhasePlan  # noqa: E402
+from treedaps.plan import PhasePlan, decay_weights  # noqa: E402
 from treedaps.sampler import daps_step, sample  # noqa: E402
 from treedaps.schedules import AnnealingConfig, ODEConfig, annealing_sigmas  # noqa: E402
 from treedaps.search import SearchHooks  # noqa: E402
 from treedaps.search.pruning import PruningConfig, make_prune_hook  # noqa: E402
+from treedaps.search.repulsion import make_repulsion  # noqa: E402
+from treedaps.telemetry import fingerprints  # noqa: E402
 from treedaps.telemetry import Telemetry  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "fixtures" / "daps_ref"
@@ -179,6 +183,45 @@ def run_schedule(model, op, y, dev, mcmc, plan, hooks, n_particles):
     batches = list(tel.counters["decoder"].batch_sizes)
     tel.close()
     return total, tel.steps, tel.compute_counts(), batches
+
+
+def exp1_schedule(model, op, y, dev, mcmc, n: int) -> tuple[float, list[str]]:
+    """exp 1's settings (4 particles, repulsion 0.1 decaying to 0 at step n - 2) for ``n`` steps:
+    (seconds, fingerprints of the final latents)."""
+    plan = PhasePlan(n, n - 2, repulsion=decay_weights(0.1, n - 2, n, "linear"))
+    hooks = SearchHooks(repulsion=make_repulsion(mcmc.tau))
+    parts = Particles.start(y, [0], [42], 4, model.latent_shape, 10.0, dev)
+    sync(dev)
+    t = time.perf_counter()
+    out = sample(model, op, parts, AnnealingConfig(n, 10.0, 0.1).sigmas(), plan, ODEConfig(), mcmc, dev, hooks, None)
+    sync(dev)
+    return time.perf_counter() - t, fingerprints(out.particles.z)
+
+
+def section_determinism(dev, results, smoke: bool):
+    """The same exp 1 schedule twice under deterministic=true (must be bitwise equal), then the time
+    cost of deterministic=true against PyTorch's defaults (deterministic=false), full-size FFHQ."""
+    model = full_model("ffhq", dev, smoke)
+    op = PhaseRetrieval(2.0, 256, 0.05)
+    y = op.measure(torch.rand(1, *model.image_shape) * 2 - 1, torch.Generator().manual_seed(0))
+    mcmc = MCMCConfig("langevin", 3 if smoke else 20, 3.5e-5)
+    n = 4 if smoke else 6
+    try:
+        apply_determinism(True)
+        t_a, fp_a = exp1_schedule(model, op, y, dev, mcmc, n)
+        t_b, fp_b = exp1_schedule(model, op, y, dev, mcmc, n)
+        apply_determinism(False)
+        t_c, fp_c = exp1_schedule(model, op, y, dev, mcmc, n)
+        t_d, _ = exp1_schedule(model, op, y, dev, mcmc, n)
+    finally:
+        apply_determinism(True)
+    res = dict(steps=n, mcmc_steps=mcmc.num_steps, deterministic_s=[t_a, t_b], default_s=[t_c, t_d],
+               identical_twice=fp_a == fp_b, identical_to_default_flags=fp_a == fp_c)
+    results["determinism"] = res
+    ratio = min(t_a, t_b) / min(t_c, t_d)
+    return [("exp 1 twice, deterministic=true", "bitwise identical" if fp_a == fp_b else "DIFFERENT"),
+            ("time deterministic=true / false", f"{ratio:.3f} ({min(t_a, t_b):.1f} s vs {min(t_c, t_d):.1f} s, "
+                                                f"{n} steps x Langevin {mcmc.num_steps}, 4 particles)")]
 
 
 def section_pruning(dev, results, smoke: bool):
@@ -314,6 +357,7 @@ def main() -> int:
     sections = [("parity", lambda: section_parity(dev, results)),
                 ("ffhq", lambda: section_full("ffhq", dev, results, args.smoke)),
                 ("imagenet", lambda: section_full("imagenet", dev, results, args.smoke)),
+                ("determinism", lambda: section_determinism(dev, results, args.smoke)),
                 ("pruning", lambda: section_pruning(dev, results, args.smoke)),
                 ("optimize", lambda: section_optimize(dev, results, args.smoke)),
                 ("resample", lambda: section_resample(dev, results, args.smoke)),
