@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .mcmc import MCMCConfig
 from .modes import ModeThresholds
 from .operators import PhaseRetrieval
+from .precision import Precision
 from .schedules import AnnealingConfig, ODEConfig
 from .search.settings import SearchSettings
 
@@ -30,7 +31,8 @@ SCHEMA: dict[str, set | None] = {
     "branch_timestep": set(), "use_tpu": set(), "device": set(), "gpu": set(), "batch_size": set(),
     "num_runs": set(), "task_group": set(), "eval_fn_list": set(), "save_samples": set(),
     "save_grids": set(), "progress": set(), "deterministic": set(), "threads": set(),
-    "dist_timeout_min": set(), "algorithm": set(),
+    "dist_timeout_min": set(), "algorithm": set(), "precision": set(), "compile": set(),
+    "channels_last": set(),
     "modes": {"min_psnr", "margin"},
     "telemetry": {"diagnostics", "pairwise_matrices", "prior_score"},
     "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
@@ -41,7 +43,7 @@ SCHEMA: dict[str, set | None] = {
 }
 METRICS = ("psnr", "ssim", "lpips")
 # Keys read as numbers (a string there would fail inside float() without naming the key).
-NUMBERS = ("seed", "num_samples", "batch_size", "num_runs", "repulsion_scale", "pruning_step",
+NUMBERS = ("seed", "num_samples", "num_runs", "repulsion_scale", "pruning_step",
            "optimization_step", "branch_timestep", "modes.min_psnr", "modes.margin",
            "sampler.annealing_scheduler_config.sigma_max")
 
@@ -122,8 +124,9 @@ def validate(cfg: DictConfig) -> Settings:
               f"use num_samples={cfg.num_runs} (particles per measurement) with num_runs=1")
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 1:
         _fail(f"num_samples must be an integer >= 1, got {cfg.num_samples!r}")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        _fail(f"batch_size (measurements per batch) must be an integer >= 1, got {cfg.batch_size!r}")
+    if cfg.batch_size != "auto" and (isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int)
+                                     or cfg.batch_size < 1):
+        _fail(f"batch_size (measurements per batch) must be auto or an integer >= 1, got {cfg.batch_size!r}")
     for key in ("pruning_step", "optimization_step"):
         value = float(cfg[key])
         if value != -1 and not 0 <= value < 1000:
@@ -134,6 +137,10 @@ def validate(cfg: DictConfig) -> Settings:
         _fail(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not isinstance(cfg.deterministic, bool):
         _fail(f"deterministic must be true or false, got {cfg.deterministic!r}")
+    try:
+        Precision.from_config(cfg)
+    except ValueError as err:
+        _fail(str(err))
     if cfg.threads != "auto" and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
                                   or cfg.threads < 1):
         _fail(f"threads must be auto or an integer >= 1, got {cfg.threads!r}")

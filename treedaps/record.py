@@ -14,6 +14,7 @@ import statistics
 
 from .metrics import HIGHER_IS_BETTER
 from .plan import PhasePlan
+from .throughput import images_per_gpu_hour
 from .unit_checks import UnitRecordError, check_config_hashes, check_unit, reading, unit_label
 
 __all__ = ["PHASES", "SCHEMA_VERSION", "VRAM_KEYS", "UnitRecordError", "dry_run_regret", "merge",
@@ -210,6 +211,7 @@ def _timing(rows: list[dict]) -> dict:
         per_unit_std_s=statistics.stdev(totals) if len(totals) > 1 else None,
         per_unit_n=len(totals),
         total_s=sum(totals),
+        images_per_gpu_hour=images_per_gpu_hour(len(totals), sum(totals)),
     )
 
 

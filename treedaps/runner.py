@@ -26,6 +26,7 @@ from .models import build_model
 from .modes import coverage, label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
+from .precision import Precision, apply_flags, prepare_model
 from .record import merge, phase_memory, phase_times
 from .results import (RunDir, atomic_save_png, atomic_write_json, git_revision, particle_label, save_grid,
                       unit_name)
@@ -34,6 +35,7 @@ from .sampler import SampleOutput, sample
 from .search import SearchHooks, build_search
 from .search.prior_score import prior_score
 from .telemetry import Telemetry
+from .throughput import auto_batch_size
 
 log = logging.getLogger("treedaps")
 
@@ -55,7 +57,10 @@ class Experiment:
         gpu = self.rank.local_rank if self.rank.world > 1 else int(cfg.gpu)
         self.device: Device = select_device(str(cfg.device), gpu, bool(cfg.use_tpu), bool(cfg.deterministic),
                                             cfg.threads, str(cfg.model.name))
+        self.precision = Precision.from_config(cfg)
+        apply_flags(self.precision.mode)          # global, like the determinism flags
         log.info("%s", self.device.startup_line())
+        log.info("%s", self.precision.startup_line())
         # Data and checkpoint checks come before any heavy work (the toy prior is cheap to build).
         if cfg.data.name == "demo":
             self.model = build_model(cfg.model, self.device)
@@ -64,6 +69,7 @@ class Experiment:
             self.dataset = build_dataset(cfg.data)
             self.model = build_model(cfg.model, self.device)
         check_dataset(self.dataset, self.model.image_shape)   # every file, before any sampling
+        prepare_model(self.model, self.precision)
         self.weights_mb = self.device.current_allocated_mb()
         self.hooks: SearchHooks = build_search(self.settings.search, self.model, self.settings.operator,
                                                self.settings.mcmc.tau, self.device)
@@ -111,7 +117,7 @@ class Experiment:
     def _run(self) -> dict | None:
         todo = self.units()
         self._log_resume(todo)
-        batch = int(self.cfg.batch_size)
+        batch = self.batch_size(len(todo))
         show = bool(self.cfg.progress) and self.rank.is_main
         bar = tqdm(total=len(todo), desc="measurements", disable=not show, dynamic_ncols=True)
         for start in range(0, len(todo), batch):
@@ -120,6 +126,16 @@ class Experiment:
         bar.close()
         distributed.barrier(self.rank)
         return self.merge() if self.rank.is_main else None
+
+    def batch_size(self, todo: int) -> int:
+        """Measurements per batch: the config's number, or ``auto`` (throughput.py)."""
+        if self.cfg.batch_size != "auto":
+            return int(self.cfg.batch_size)
+        if todo == 0:
+            return 1
+        n, self.batch_probe = auto_batch_size(self.model, self.settings.operator, self.device,
+                                              int(self.cfg.num_samples), todo)
+        return n
 
     def run_batch(self, units: list[tuple[int, int]], show: bool) -> None:
         cfg, s, dev, model = self.cfg, self.settings, self.device, self.model
@@ -256,7 +272,8 @@ class Experiment:
                  if lo <= u["index"] < hi and u["seed"] in self.settings.seeds]
         reserved = [u.get("peak_reserved_mb") for u in units if u.get("peak_reserved_mb") is not None]
         metadata = dict(
-            device=self.device.describe(),
+            device=self.device.describe(), precision=self.precision.describe(),
+            batch_size=dict(config=self.cfg.batch_size, probe=getattr(self, "batch_probe", None)),
             gpu=dict(peak_vram_mb=_max_step_peak(units), peak_reserved_mb=max(reserved) if reserved else None,
                      weights_mb=self.weights_mb),
             git_revision=git_revision(), config_hash=self.config_hash, name=str(self.cfg.name),

@@ -298,8 +298,9 @@ class CompVisLDM(LatentModel):
     def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
         """Latent -> image in [-1, 1] (DAPS ``differentiable_decode_first_stage``); differentiable."""
         z = 1.0 / self.scale_factor * z
-        if quantize:
-            z, _ = self.quantize(z)
+        if quantize:   # the nearest-code search in float32, whatever autocast is active (precision.py)
+            with torch.autocast(z.device.type, enabled=False):
+                z, _ = self.quantize(z.float())
         return self.first_stage.decoder(self.first_stage.post_quant_conv(z))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

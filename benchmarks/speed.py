@@ -1,0 +1,307 @@
+"""Speed of the fast path against DAPS's settings, on one GPU, in one run (docs/benchmarks.md).
+
+    python benchmarks/speed.py --out $OUT              on the GPU machine (see speed.sh)
+    python benchmarks/speed.py --smoke --out /tmp/s    on a CPU, tiny model, every section
+
+The network is the full-size FFHQ LDM of configs/model/ffhq256ldm.yaml with random weights (the
+compute does not depend on the weight values), as benchmarks/gpu_check.py builds it. ``daps`` is
+exp 0's configuration (precision=daps, eager); ``fast`` is precision=bf16 + channels_last +
+compile (dynamic batch). Sections (each guarded: a failure is recorded, the rest goes on):
+
+  step        one MCMC step (decode + phase-retrieval loss + backward) at batch 4 in every mode
+              (fp32, daps, tf32, bf16, bf16+channels_last, fast): median of CUDA-event times after
+              warm-up, peak memory (allocated / reserved, and above the weights), TFLOP/s from one
+              FlopCounterMode count; compile time (first call of fast, forward + backward); the
+              compiled graph at batch 2 and 1 (pruning, active sets)
+  image       per image (one measurement, 4 particles, 50 annealing steps): exp 0 (Langevin 100) and
+              exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast. Each kind of
+              annealing step (explore / prune / refine / final) is timed once after a warm-up step
+              and the image time is extrapolated over the plan's 50 steps (stated in the JSON)
+  throughput  batch_size=auto for fast (the memory probe); images per GPU-hour of exp 0 under daps
+              (batch 1) and of exp 4 under fast at the auto batch (its per-image time scaled by the
+              MCMC-step time at 4 x batch particles over batch x the time at 4)
+  accuracy    10 measurements (images decoded from random latents), exp 0 with a short schedule,
+              daps vs fast on the same inputs: paired best-of-4 PSNR difference (mean, 95% bootstrap
+              interval), share of identical mode labels, final measurement losses; target for the
+              real network |mean delta| <= 0.1 dB and >= 90% identical labels
+The last lines printed are a table; details go to <out>/speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from treedaps.config import validate  # noqa: E402
+from treedaps.device import select_device  # noqa: E402
+from treedaps.mcmc import latent_data_gradient  # noqa: E402
+from treedaps.models.ldm import CompVisLDM  # noqa: E402
+from treedaps.modes import ModeThresholds, label_modes  # noqa: E402
+from treedaps.operators import PhaseRetrieval  # noqa: E402
+from treedaps.particles import Particles  # noqa: E402
+from treedaps.plan import PhasePlan, build_plan  # noqa: E402
+from treedaps.precision import Precision, attention_processors, precision_flags, prepare_model  # noqa: E402
+from treedaps.sampler import daps_step, sample  # noqa: E402
+from treedaps.search import build_search  # noqa: E402
+from treedaps.throughput import auto_batch_size, images_per_gpu_hour  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "fixtures" / "daps_ref"
+FAST = Precision("bf16", compile=True, channels_last=True)
+MODES = {"fp32": Precision("fp32"), "daps": Precision("daps"), "tf32": Precision("tf32"),
+         "bf16": Precision("bf16"), "bf16_cl": Precision("bf16", channels_last=True)}
+
+
+class Bench:
+    """Model pair (eager for the modes, a deep copy wrapped once as ``fast``), inputs, clock."""
+
+    def __init__(self, smoke: bool, compile_: bool):
+        self.smoke = smoke
+        self.dev = select_device("cpu" if smoke else "cuda")
+        path = SHARED / "tiny_ffhq_ldm.yaml" if smoke else ROOT / "configs" / "model" / "ffhq256ldm.yaml"
+        torch.manual_seed(0)
+        cfg = OmegaConf.load(path)
+        self.model = CompVisLDM(OmegaConf.to_container(cfg.ldm_config, resolve=False), "daps").to(self.dev.torch_device)
+        self.fast_precision = FAST if compile_ else Precision("bf16", channels_last=True)
+        self.fast = prepare_model(copy.deepcopy(self.model), self.fast_precision)
+        size = self.model.image_shape[-1]
+        self.op = PhaseRetrieval(2.0, size, 0.05)
+        self.weights_mb = self.mem_now()
+
+    def mem_now(self):
+        return torch.cuda.memory_allocated() / 2 ** 20 if self.dev.kind == "cuda" else None
+
+    def time_ms(self, fn, repeat: int, warmup: int) -> float:
+        """Median milliseconds of ``fn`` (CUDA events; perf_counter on the CPU) after ``warmup``."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeat):
+            if self.dev.kind == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(1000 * (time.perf_counter() - t))
+        return statistics.median(times)
+
+    def inputs(self, n: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(1, *self.model.image_shape, generator=g) * 2 - 1
+        y = self.op.measure(x, g).to(self.dev.torch_device)
+        z = torch.randn(n, *self.model.latent_shape, generator=g).to(self.dev.torch_device)
+        return z, y.expand(n, *y.shape[1:])
+
+    def peak(self, fn) -> dict:
+        if self.dev.kind != "cuda":
+            return dict(allocated_mb=None, reserved_mb=None, above_weights_mb=None)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        m = self.dev.memory_mb()
+        return dict(**m, above_weights_mb=m["allocated_mb"] - base / 2 ** 20)
+
+
+def step_fn(model, op, z, y):
+    grad = latent_data_gradient(model.decode, op.loss, y)
+    return lambda: grad(z)
+
+
+def section_step(b: Bench, res: dict):
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    z, y = b.inputs(4)
+    repeat, warm = (3, 1) if b.smoke else (20, 5)
+    with FlopCounterMode(display=False) as counter:
+        step_fn(b.model, b.op, z, y)()
+    flops = counter.get_total_flops()
+    out = dict(batch=4, flops_per_step=flops, attention=attention_processors(b.model), modes={})
+    for name, p in MODES.items():
+        prepare_model(b.model, p)
+        with precision_flags(p.mode):
+            fn = step_fn(b.model, b.op, z, y)
+            ms = b.time_ms(fn, repeat, warm)
+            out["modes"][name] = dict(ms=ms, tflops=flops / ms / 1e9, **b.peak(fn))
+    prepare_model(b.model, Precision("daps"))
+    with precision_flags(b.fast_precision.mode):
+        fn = step_fn(b.fast, b.op, z, y)
+        t = time.perf_counter()
+        fn()
+        b.dev.synchronize()
+        out["compile_s"] = time.perf_counter() - t
+        ms = b.time_ms(fn, repeat, warm)
+        out["modes"]["fast"] = dict(ms=ms, tflops=flops / ms / 1e9, precision=b.fast_precision.describe(),
+                                    **b.peak(fn))
+        out["fast_smaller_batches_ms"] = {n: b.time_ms(step_fn(b.fast, b.op, z[:n], y[:n]), repeat, warm)
+                                          for n in (2, 1)}
+    m = out["modes"]
+    out["speedup_fast_vs_daps"] = m["daps"]["ms"] / m["fast"]["ms"]
+    res["step"] = out
+    return [("MCMC step b=4, ms: " + " / ".join(m), " / ".join(f"{v['ms']:.1f}" for v in m.values())),
+            ("TFLOP/s daps / fast", f"{m['daps']['tflops']:.1f} / {m['fast']['tflops']:.1f}"),
+            ("step speed-up fast vs daps (target >= 3)", f"{out['speedup_fast_vs_daps']:.2f}x"),
+            ("compile (first call, fwd+bwd)", f"{out['compile_s']:.1f} s"),
+            ("peak MB above weights daps / fast", f"{m['daps']['above_weights_mb']} / {m['fast']['above_weights_mb']}")]
+
+
+def experiment(name: str, smoke: bool):
+    """Settings and plan of ``experiment=name`` on the FFHQ model config (no checkpoint is read)."""
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+    over = [f"experiment={name}", "model=ffhq256ldm", "data=test-ffhq"]
+    if smoke:
+        over += ["sampler.annealing_scheduler_config.num_steps=8", "task.ldm.mcmc_sampler_config.num_steps=3",
+                 "task.ldm_hmc.mcmc_sampler_config.num_steps=3", "optimization.max_iters=4"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="default", overrides=over)
+
+
+def time_image(b: Bench, model, name: str, precision: Precision) -> dict:
+    """Per-image seconds of experiment ``name``: each kind of step timed once, extrapolated."""
+    cfg = experiment(name, b.smoke)
+    s = validate(cfg)
+    plan = build_plan(s, model)
+    hooks = build_search(s.search, model, b.op, s.mcmc.tau, b.dev)
+    n = s.annealing.num_steps
+    kinds = {}
+    for step in range(n):
+        a = plan.at(step)
+        kind = "prune" if a.prune else "final" if step == n - 1 else "refine" if step > (plan.plan.prune_step or n) \
+            else "explore"
+        kinds.setdefault(kind, []).append(step)
+    _, y = b.inputs(1, seed=1)
+    parts = Particles.start(y[:1], [0], [42], int(cfg.num_samples), model.latent_shape, s.annealing.sigma_max, b.dev)
+    measured = {}
+    with precision_flags(precision.mode):
+        for kind, steps in [("warmup", [0]), *kinds.items()]:
+            step = steps[0]
+            b.dev.synchronize()
+            t = time.perf_counter()
+            parts, _ = daps_step(model, b.op, parts, plan.at(step), plan.sigmas[step], plan.sigmas[step + 1], n,
+                                 s.ode, s.mcmc, b.dev, hooks, lambda e, i: None)
+            b.dev.synchronize()
+            measured[kind] = dict(step=step, s=time.perf_counter() - t, particles=len(parts))
+    total = sum(measured[k]["s"] * len(v) for k, v in kinds.items())
+    return dict(per_image_s=total, steps=n, kinds={k: len(v) for k, v in kinds.items()}, measured=measured,
+                precision=precision.mode, method="each kind of step timed once after a warm-up step, x its count")
+
+
+def section_image(b: Bench, res: dict):
+    out = {"exp0_daps": time_image(b, b.model, "exp0", Precision("daps")),
+           "exp0b_daps": time_image(b, b.model, "exp0b", Precision("daps")),
+           "exp2_fast": time_image(b, b.fast, "exp2", b.fast_precision),
+           "exp4_fast": time_image(b, b.fast, "exp4", b.fast_precision)}
+    base = out["exp0_daps"]["per_image_s"]
+    for k in ("exp2_fast", "exp4_fast"):
+        out[k]["fraction_of_exp0"] = out[k]["per_image_s"] / base
+    res["image"] = out
+    return [(f"per image {k} (s)", f"{v['per_image_s']:.1f}" + (f" ({v['fraction_of_exp0']:.2f} of exp 0; target "
+             f"<= 0.33)" if "fraction_of_exp0" in v else "")) for k, v in out.items()]
+
+
+def section_throughput(b: Bench, res: dict):
+    n, probe = auto_batch_size(b.fast, b.op, b.dev, 4, 64)
+    z, y = b.inputs(4 * n)
+    with precision_flags(b.fast_precision.mode):
+        t4 = b.time_ms(step_fn(b.fast, b.op, z[:4], y[:4]), 5, 2)
+        tn = b.time_ms(step_fn(b.fast, b.op, z, y), 5, 2)
+    image = res.get("image") or {}
+    out = dict(auto_batch=n, probe=probe, step_ms_b4=t4, step_ms_auto=tn, scale=tn / (n * t4))
+    if image:
+        out["exp0_daps_per_hour"] = images_per_gpu_hour(1, image["exp0_daps"]["per_image_s"])
+        out["exp4_fast_per_hour"] = images_per_gpu_hour(1, image["exp4_fast"]["per_image_s"] * out["scale"])
+        out["ratio"] = out["exp4_fast_per_hour"] / out["exp0_daps_per_hour"]
+    res["throughput"] = out
+    rows = [("batch_size=auto (fast)", f"{n} measurements ({4 * n} particles), step {tn:.1f} ms")]
+    if image:
+        rows.append(("images / GPU-hour exp0 daps -> exp4 fast (target >= 3x)",
+                     f"{out['exp0_daps_per_hour']:.1f} -> {out['exp4_fast_per_hour']:.1f} ({out['ratio']:.2f}x)"))
+    return rows
+
+
+def section_accuracy(b: Bench, res: dict):
+    from treedaps.metrics import psnr  # noqa: PLC0415
+    m = 4 if b.smoke else 10
+    steps, mcmc_steps = (3, 3) if b.smoke else (10, 10)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad(), precision_flags("daps"):
+        gt = b.model.decode(torch.randn(m, *b.model.latent_shape, generator=g).to(b.dev.torch_device)).clamp(-1, 1)
+    y = torch.cat([b.op.measure(gt[i:i + 1].cpu(), torch.Generator().manual_seed(100 + i)) for i in range(m)])
+    cfg = experiment("exp0", b.smoke)
+    with open_dict(cfg):
+        cfg.sampler.annealing_scheduler_config.num_steps = steps
+        cfg.task.ldm.mcmc_sampler_config.num_steps = mcmc_steps
+    s = validate(cfg)
+    outs = {}
+    for name, model, p in (("daps", b.model, Precision("daps")), ("fast", b.fast, b.fast_precision)):
+        parts = Particles.start(y.to(b.dev.torch_device), list(range(m)), [42] * m, 4, model.latent_shape,
+                                s.annealing.sigma_max, b.dev)
+        with precision_flags(p.mode):
+            o = sample(model, b.op, parts, s.annealing.sigmas(), PhasePlan(steps, steps), s.ode, s.mcmc, b.dev)
+        images = o.images.float()
+        ref = gt[o.particles.measurement]
+        outs[name] = dict(psnr=psnr(ref, images).view(m, 4), loss=o.loss.view(m, 4),
+                          modes=[lab["mode"] for lab in label_modes(ref, images, ModeThresholds())])
+    delta = (outs["fast"]["psnr"].max(1).values - outs["daps"]["psnr"].max(1).values).cpu()
+    boot = torch.stack([delta[torch.randint(0, m, (m,), generator=g)].mean() for _ in range(2000)])
+    same = statistics.fmean(a == c for a, c in zip(outs["fast"]["modes"], outs["daps"]["modes"]))
+    out = dict(measurements=m, steps=steps, mcmc_steps=mcmc_steps, delta_psnr=delta.tolist(),
+               mean_delta_db=float(delta.mean()), ci95=[float(boot.quantile(0.025)), float(boot.quantile(0.975))],
+               identical_mode_share=same, loss_daps=outs["daps"]["loss"].tolist(), loss_fast=outs["fast"]["loss"].tolist(),
+               target="|mean delta| <= 0.1 dB and >= 90% identical labels (on the real network)",
+               met=abs(float(delta.mean())) <= 0.1 and same >= 0.9)
+    res["accuracy"] = out
+    return [("accuracy fast vs daps: mean dPSNR [95% CI]", f"{out['mean_delta_db']:+.3f} dB "
+             f"[{out['ci95'][0]:+.3f}, {out['ci95'][1]:+.3f}], identical labels {100 * same:.0f}% "
+             f"(target met: {out['met']}; random weights)")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="speed_out")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: every section, tiny sizes")
+    ap.add_argument("--no-compile", action="store_true", help="fast = bf16 + channels_last, eager")
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    b = Bench(args.smoke, compile_=not (args.no_compile or args.smoke))
+    res: dict = {"device": b.dev.describe(), "torch": torch.__version__, "weights_mb": b.weights_mb,
+                 "fast": b.fast_precision.describe(), "errors": {}, "section_s": {}}
+    rows: list[tuple[str, str]] = [("device", res["device"]["name"])]
+    for name, fn in (("step", section_step), ("image", section_image), ("throughput", section_throughput),
+                     ("accuracy", section_accuracy)):
+        if args.only and name not in args.only:
+            continue
+        t = time.perf_counter()
+        try:
+            rows += fn(b, res)
+        except Exception as err:  # noqa: BLE001 - record and go on to the next section
+            res["errors"][name] = traceback.format_exc()
+            rows.append((name, f"FAILED: {type(err).__name__}: {err}"[:200]))
+        res["section_s"][name] = time.perf_counter() - t
+        (out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
+    width = max(len(r[0]) for r in rows)
+    print("\n| measure | result |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k.ljust(width)} | {v} |")
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Precision modes (treedaps/precision.py): flags, the bf16 networks' errors, batch_size=auto.
+
+Error bounds, bf16 autocast against strict fp32 on the tiny CompVis fixture (random weights, CPU):
+bf16 keeps 8 significand bits, unit roundoff u = 2^-9 ~ 2e-3 per rounding; a network of depth L
+accumulates roughly sqrt(L) * u * (its conditioning). Measured here (torch 2.14, CPU): decode
+max|diff|/max|ref| 0.018, denoiser 0.006, the phase-retrieval data gradient 0.03-0.044 in L2 with
+cosine >= 0.998, the loss 5e-4 relative. The bounds below are ~2.5x the measured values, so they
+catch a real regression (e.g. the quantizer or the FFT in bf16, or outputs left in bf16) without
+flaking; whether bf16 is good enough for the real network is decided on the GPU
+(benchmarks/speed.py, section accuracy). The VQ codes are computed in float32 on the same input,
+so they are identical, bit for bit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from treedaps.device import Device
+from treedaps.mcmc import latent_data_gradient
+from treedaps.operators import PhaseRetrieval
+from treedaps.precision import (MODES, Precision, apply_flags, attention_processors, precision_flags,
+                                prepare_model, read_flags, restore_flags, unwrap_model)
+from treedaps.throughput import auto_batch_size, images_per_gpu_hour
+
+FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "daps_ref"
+needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"DAPS reference fixtures not found at {FIX}")
+
+BOUNDS = dict(decode=0.05, denoise=0.02, grad_l2=0.1, grad_cos=0.99, loss=2e-3)
+
+
+def test_modes_set_and_restore_flags():
+    before = read_flags()
+    expected = {"fp32": (False, False), "daps": (False, True), "tf32": (True, True), "bf16": (False, True)}
+    for mode in MODES:
+        with precision_flags(mode):
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == expected[mode]
+        assert read_flags() == before
+    prev = apply_flags("tf32")
+    assert read_flags() == dict(tf32_matmul=True, tf32_cudnn=True)
+    restore_flags(prev)
+    assert read_flags() == before
+
+
+def test_bad_settings_refused():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Precision("fp16")
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        Precision("daps", compile="yes")
+    line = Precision("bf16").startup_line()
+    assert "precision: bf16" in line and "autocast bfloat16" in line
+    assert Precision("bf16").describe()["autocast"] == "bfloat16" and Precision().describe()["autocast"] is None
+
+
+def test_batch_size_auto_is_one_on_cpu_and_throughput_formula():
+    n, info = auto_batch_size(None, None, Device("cpu", torch.device("cpu")), 4, 10)
+    assert n == 1 and "cpu" in info["reason"]
+    assert images_per_gpu_hour(10, 1800.0) == pytest.approx(20.0)
+    assert images_per_gpu_hour(3, 0.0) is None
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    if not FIX.is_dir():
+        pytest.skip(f"DAPS reference fixtures not found at {FIX}")
+    from treedaps.models.ldm import build_ldm  # noqa: PLC0415
+    cfg = OmegaConf.load(FIX / "tiny_ffhq_ldm.yaml")
+    cfg.diffusion_path = str(FIX / "tiny_ffhq_ldm.ckpt")
+    model = build_ldm(cfg)
+    ref = torch.load(FIX / "refs_tiny_ffhq.pt", weights_only=True)
+    yield model, ref
+    unwrap_model(model)
+
+
+def _outputs(model, ref, op, y):
+    z, sigmas = ref["z"], ref["sigmas"]
+    with torch.no_grad():
+        decoded, denoised = model.decode(z), model.denoise(z, sigmas)
+    grad, loss = latent_data_gradient(model.decode, op.loss, y, clamp=None)(z)
+    return dict(decode=decoded, denoise=denoised, grad=grad, loss=loss)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@needs_fixtures
+def test_bf16_networks_error_bounds_against_fp32(tiny):
+    model, ref = tiny
+    op = PhaseRetrieval(2.0, 64, 0.05)
+    y = op.measure(ref["x"], torch.Generator().manual_seed(0))
+    with precision_flags("fp32"):
+        prepare_model(model, Precision("fp32"))
+        exact = _outputs(model, ref, op, y)
+        prepare_model(model, Precision("bf16"))
+        fast = _outputs(model, ref, op, y)
+        unwrap_model(model)
+    assert all(v.dtype == torch.float32 for v in fast.values())
+    err = dict(decode=_rel(fast["decode"], exact["decode"]), denoise=_rel(fast["denoise"], exact["denoise"]),
+               grad_l2=float((fast["grad"] - exact["grad"]).norm() / exact["grad"].norm()),
+               grad_cos=float(torch.nn.functional.cosine_similarity(fast["grad"].flatten(1),
+                                                                   exact["grad"].flatten(1)).min()),
+               loss=float(((fast["loss"] - exact["loss"]) / exact["loss"]).abs().max()))
+    assert err["decode"] <= BOUNDS["decode"] and err["denoise"] <= BOUNDS["denoise"], err
+    assert err["grad_l2"] <= BOUNDS["grad_l2"] and err["grad_cos"] >= BOUNDS["grad_cos"], err
+    assert err["loss"] <= BOUNDS["loss"], err
+    # bf16 does change the numbers (the wrapper is active): at least one bf16 rounding's worth
+    assert err["decode"] > 2.0 ** -9, err
+
+
+@needs_fixtures
+def test_quantizer_runs_in_fp32_outside_autocast(tiny):
+    model, ref = tiny
+    seen = []
+    handle = model.first_stage.quantize.register_forward_hook(
+        lambda m, args, out: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"), out[1])))
+    try:
+        prepare_model(model, Precision("bf16"))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # even inside a caller's autocast
+            model.decode(ref["z"])
+    finally:
+        handle.remove()
+        unwrap_model(model)
+    dtype, autocast_on, codes = seen[0]
+    assert dtype == torch.float32 and not autocast_on
+    assert torch.equal(codes, ref["vq_indices"])
+
+
+@needs_fixtures
+def test_unwrap_restores_eager_and_attention_is_sdpa(tiny):
+    model, ref = tiny
+    with torch.no_grad():
+        plain = model.decode(ref["z"])
+        prepare_model(model, Precision("bf16", channels_last=True))
+        assert model.first_stage.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        changed = model.decode(ref["z"])
+        unwrap_model(model)
+        again = model.decode(ref["z"])
+    assert not torch.equal(plain, changed) and torch.equal(plain, again)
+    assert "forward" not in vars(model.unet) and "forward" not in vars(model.first_stage.decoder)
+    procs = attention_processors(model)       # diffusers' F.scaled_dot_product_attention processor
+    assert set(procs) == {"AttnProcessor2_0"} and sum(procs.values()) > 0
+
+
+@needs_fixtures
+def test_batch_shrinks_under_the_wrapped_networks(tiny):
+    """Pruning and active sets shrink the batch: every size runs, each row as on its own."""
+    model, ref = tiny
+    z = ref["z"].repeat(2, 1, 1, 1)          # 4 particles
+    prepare_model(model, Precision("bf16", channels_last=True))
+    try:
+        with torch.no_grad():
+            full = model.decode(z)
+            for n in (2, 1):
+                assert torch.allclose(model.decode(z[:n]), full[:n], rtol=0, atol=1e-2)
+    finally:
+        unwrap_model(model)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("precision=fp16", "precision must be one of"), ("batch_size=0", "must be auto or an integer"),
+    ("batch_size=many", "must be auto or an integer"), ("compile=1", "compile must be true or false")])
+def test_config_refuses_bad_values(tmp_path, override, message):
+    from conftest import make_cfg  # noqa: PLC0415
+    from treedaps.config import ConfigError, validate  # noqa: PLC0415
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg(tmp_path, override))
+
+
+def test_run_records_precision_and_throughput(tmp_path):
+    """A demo run with precision=bf16 and batch_size=auto (1 on the CPU): metadata and timing."""
+    from conftest import make_cfg  # noqa: PLC0415
+    from treedaps.runner import Experiment  # noqa: PLC0415
+    before = read_flags()
+    try:
+        out = Experiment(make_cfg(tmp_path, "precision=tf32", "batch_size=auto", "data.end_id=2",
+                                  "save_grids=false", "save_samples=false")).run()
+    finally:
+        restore_flags(before)
+    meta = out["metadata"]
+    assert meta["precision"]["mode"] == "tf32" and meta["precision"]["tf32_matmul"] is True
+    assert meta["batch_size"]["config"] == "auto" and "cpu" in meta["batch_size"]["probe"]["reason"]
+    timing = out["timing"]
+    assert timing["images_per_gpu_hour"] == pytest.approx(2 / timing["total_s"] * 3600)
+
+
+@pytest.mark.slow
+@needs_fixtures
+def test_bf16_paired_psnr_over_ten_real_images(tmp_path):
+    """fp32 vs bf16 through the real path, 10 real images (benchmarks/precision_pairs.py; ~3 min on
+    the CPU). Measured: mean dPSNR +0.009 dB [95% CI -0.003, +0.021]. On this random-weight model
+    every particle's label is "other" (PSNR ~ 8-11 dB), so identical labels say little here; the
+    label target belongs to the real network (speed.py, section accuracy)."""
+    import importlib.util  # noqa: PLC0415
+    spec = importlib.util.spec_from_file_location("pairs", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "precision_pairs.py")
+    pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairs)
+    res = pairs.run_pair(tmp_path, 10)
+    assert abs(res["mean_delta_db"]) <= 0.1, res
+    assert res["ci95"][0] <= res["mean_delta_db"] <= res["ci95"][1]
+    assert max(abs(d) for d in res["delta_db"]) <= 0.5, res["delta_db"]
+    assert res["identical_mode_counts_share"] >= 0.9, res
