@@ -6,6 +6,7 @@
 # Paths (environment): TREEDAPS_IMAGENET_DIR (default dataset/test-imagenet), TREEDAPS_FFHQ_DIR
 # (dataset/test-ffhq), TREEDAPS_IMAGENET_LDM (checkpoints/ldm_imagenet256.pt), TREEDAPS_FFHQ_LDM
 # (checkpoints/ldm_ffhq256.pt), TREEDAPS_SAVE_DIR (results), PYTHON (python).
+# TREEDAPS_PRINT_ONLY=1 prints each run's command (shell-quoted, one line) instead of running it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
@@ -38,9 +39,11 @@ run_experiment() {
       [[ "$ds" == ffhq ]] && model="model=ffhq256ldm"
       [[ "$ds" == imagenet ]] && model="model=imagenet256ldm"
       echo ">>> $exp $label --$n (name=${exp}_${label}_n$n)" >&2   # the data actually used
-      (cd "$ROOT" && "$PYTHON" posterior_sample.py "$data" "$model" "${fixed[@]}" \
+      local cmd=("$PYTHON" posterior_sample.py "$data" "$model" "${fixed[@]}" \
         "data.start_id=0" "data.end_id=$n" "name=${exp}_${label}_n$n" \
         "save_dir=${TREEDAPS_SAVE_DIR:-results}" ${EXTRA_OVERRIDES:-} "${extra[@]}")
+      if [[ "${TREEDAPS_PRINT_ONLY:-0}" == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; continue; fi
+      (cd "$ROOT" && "${cmd[@]}")
     done
   done
 }

@@ -7,7 +7,7 @@ false with every bound and silently mean "off".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,29 +18,42 @@ from .modes import ModeThresholds
 from .operators import PhaseRetrieval
 from .precision import Precision
 from .schedules import AnnealingConfig, ODEConfig
-from .search.settings import SearchSettings
+from .search.consistency import OptimizationConfig
+from .search.pruning import PruningConfig
+from .search.settings import RepulsionConfig, SearchSettings
 
 __all__ = ["ConfigError", "Settings", "validate", "to_container"]
 
 
-# Top-level keys and, for blocks, their allowed sub-keys (None = free-form, checked elsewhere).
+# The run's own top-level keys (scalars and lists), written once here.
+RUN_KEYS = ("name", "save_dir", "seed", "seeds", "num_samples", "repulsion_scale", "pruning_step",
+            "optimization_step", "branch_timestep", "use_tpu", "device", "gpu", "batch_size", "num_runs",
+            "task_group", "eval_fn_list", "save_samples", "save_grids", "progress", "deterministic",
+            "threads", "dist_timeout_min", "algorithm", "precision", "compile", "channels_last")
+TELEMETRY_KEYS = ("diagnostics", "pairwise_matrices", "prior_score")
+# DAPS's mcmc_sampler_config names -> MCMCConfig fields; prior_sigma_min is DAPS's and unused here.
+MCMC_NAMES = {"mc_algo": "algo"}
+MCMC_IGNORED = ("prior_sigma_min",)
+
+
+def _fields(cls, drop: tuple = (), add: tuple = ()) -> set[str]:
+    return {f.name for f in fields(cls)} - set(drop) | set(add)
+
+
+# Top-level keys and, for blocks, their allowed sub-keys (None = free-form, checked elsewhere). The
+# search blocks mirror treedaps/search/ (one block per module, its keys the dataclass's fields).
 SCHEMA: dict[str, set | None] = {
+    **{key: set() for key in RUN_KEYS},
     "data": None, "model": None, "task": None, "sampler": None,
-    "name": set(), "save_dir": set(), "seed": set(), "seeds": set(), "num_samples": set(),
-    "repulsion_scale": set(), "pruning_step": set(), "optimization_step": set(),
-    "branch_timestep": set(), "use_tpu": set(), "device": set(), "gpu": set(), "batch_size": set(),
-    "num_runs": set(), "task_group": set(), "eval_fn_list": set(), "save_samples": set(),
-    "save_grids": set(), "progress": set(), "deterministic": set(), "threads": set(),
-    "dist_timeout_min": set(), "algorithm": set(), "precision": set(), "compile": set(),
-    "channels_last": set(),
-    "modes": {"min_psnr", "margin"},
-    "telemetry": {"diagnostics", "pairwise_matrices", "prior_score"},
-    "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
-    "pruning": {"num_keep", "loss_factor", "replace_hopeless", "image_size", "criterion", "dry_run"},
-    "optimization": {"preset", "lr", "max_iters", "eps", "plateau_window", "weight_decay", "noise_aware",
-                     "noise_factor", "start", "schedule", "budget", "final_reserve"},
+    "modes": _fields(ModeThresholds),
+    "telemetry": set(TELEMETRY_KEYS),
+    "repulsion": _fields(RepulsionConfig, drop=("scale",)),          # scale: the flat repulsion_scale
+    "pruning": _fields(PruningConfig),
+    "optimization": _fields(OptimizationConfig, add=("preset",)),    # preset: PRESETS' name
     "resample": None,     # checked by treedaps.baselines (ResampleConfig.from_mapping)
 }
+_DAPS_NAME = {field: daps for daps, field in MCMC_NAMES.items()}
+MCMC_KEYS = {_DAPS_NAME.get(f.name, f.name) for f in fields(MCMCConfig)} | set(MCMC_IGNORED)
 METRICS = ("psnr", "ssim", "lpips")
 # Keys read as numbers (a string there would fail inside float() without naming the key).
 NUMBERS = ("seed", "num_samples", "num_runs", "repulsion_scale", "pruning_step",
@@ -160,10 +173,8 @@ def validate(cfg: DictConfig) -> Settings:
 
     group = cfg.task[cfg.task_group]
     mc = group.mcmc_sampler_config
-    known_mc = {"num_steps", "lr", "tau", "lr_min_ratio", "mc_algo", "prior_solver", "momentum",
-                "prior_sigma_min", "grad_clamp"}
     for sub in mc.keys():
-        if sub not in known_mc:
+        if sub not in MCMC_KEYS:
             _fail(f"unknown key task.{cfg.task_group}.mcmc_sampler_config.{sub}")
     try:
         mcmc = MCMCConfig(algo=mc.mc_algo, num_steps=int(mc.num_steps), lr=float(mc.lr),

@@ -18,6 +18,9 @@ The hash is canonical: numbers count by value (``0``, ``0.0`` and ``0.00`` are o
 script and the default write them), but a boolean is never a number (``True`` != ``1``).
 Files get the mode the umask allows (``0o666 & ~umask``), as ``open`` would give them; temporary
 files left by a killed run are removed when the next run starts.
+
+Over 300 lines: the folder and its pictures (PNG, grids) belong together; the writing helpers are
+shared by both.
 """
 from __future__ import annotations
 
@@ -146,6 +149,24 @@ def save_grid(path: Path, tiles: list[torch.Tensor], labels: list[str], min_size
         draw.text((x + max(0.0, (tw - draw.textlength(label, font=font)) / 2), pad + th + 3), label,
                   fill="black", font=font)
     _save_pil(path, canvas)
+
+
+def measurement_picture(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Log-amplitude of y, scaled to [-1, 1] and resized to the image size (for grids only)."""
+    a = torch.log1p(y.float())
+    a = (a - a.amin()) / (a.amax() - a.amin()).clamp_min(1e-12)
+    return torch.nn.functional.interpolate(a[None] * 2 - 1, size=size, mode="bilinear", align_corners=False)[0]
+
+
+def save_unit_pictures(root: Path, unit: str, scored: list[dict], images: list[torch.Tensor], gt: torch.Tensor,
+                       y: torch.Tensor, samples: bool, grids: bool) -> None:
+    """samples/<unit>_p<id>.png per scored particle and grids/<unit>.png (truth, |y|, particles)."""
+    if samples:
+        for row, img in zip(scored, images):
+            atomic_save_png(root / "samples" / f"{unit}_p{row['id']}.png", img)
+    if grids and images:
+        save_grid(root / "grids" / f"{unit}.png", [gt, measurement_picture(y, gt.shape[-2:]), *images],
+                  ["truth", "|y| (log)", *map(particle_label, scored)])
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

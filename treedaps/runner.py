@@ -9,27 +9,25 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, record
 from .baselines import build_baseline
 from .config import Settings, to_container, validate
 from .data import build_dataset, check_dataset
 from .device import Device, select_device
 from .metrics import Lpips, default_lpips, evaluate
 from .models import build_model
-from .modes import coverage, label_modes
+from .modes import label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
 from .precision import Precision, apply_flags, prepare_model
-from .record import merge, phase_memory, phase_times
-from .results import (RunDir, atomic_save_png, atomic_write_json, git_revision, particle_label, save_grid,
-                      unit_name)
+from .results import RunDir, atomic_write_json, git_revision, save_unit_pictures, unit_name
 from .rng import measurement_generator
 from .sampler import SampleOutput, sample
 from .search import SearchHooks, build_search
@@ -38,13 +36,6 @@ from .telemetry import Telemetry
 from .throughput import auto_batch_size
 
 log = logging.getLogger("treedaps")
-
-
-def measurement_picture(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Log-amplitude of y, scaled to [-1, 1] and resized to the image size (for grids only)."""
-    a = torch.log1p(y.float())
-    a = (a - a.amin()) / (a.amax() - a.amin()).clamp_min(1e-12)
-    return F.interpolate(a[None] * 2 - 1, size=size, mode="bilinear", align_corners=False)[0]
 
 
 class Experiment:
@@ -138,16 +129,33 @@ class Experiment:
         return n
 
     def run_batch(self, units: list[tuple[int, int]], show: bool) -> None:
+        """Load, measure, start, sample, then record and write each measurement of one batch."""
         cfg, s, dev, model = self.cfg, self.settings, self.device, self.model
         items = [self.dataset[pos] for pos, _ in units]
         gt = torch.stack([it["image"] for it in items])
         y = torch.cat([s.operator.measure(gt[m:m + 1], measurement_generator(int(cfg.seed), it["index"]))
                        for m, it in enumerate(items)])
-        seeds = [seed for _, seed in units]
-        particles = Particles.start(y, [it["index"] for it in items], seeds, int(cfg.num_samples), model.latent_shape,
+        particles = Particles.start(y, [it["index"] for it in items], [seed for _, seed in units],
+                                    int(cfg.num_samples), model.latent_shape,
                                     self.baseline.prior_sigma if self.baseline else s.annealing.sigma_max, dev)
         telemetry = Telemetry(dev, model, s.operator, gt, s.thresholds,
                               bool(cfg.telemetry.diagnostics), bool(cfg.telemetry.pairwise_matrices))
+        with self._progress(telemetry, show) as callback:
+            dev.synchronize()
+            t0 = time.perf_counter()
+            if self.baseline is not None:
+                out = self.baseline.sample(model, s.operator, particles, dev, callback)
+            else:
+                out = sample(model, s.operator, particles, self.plan.sigmas, self.plan.plan, s.ode, s.mcmc, dev,
+                             self.hooks, callback)
+            dev.synchronize()
+            elapsed = time.perf_counter() - t0
+        telemetry.close()
+        self._write_units(units, items, gt, y, out, telemetry, elapsed)
+
+    @contextmanager
+    def _progress(self, telemetry: Telemetry, show: bool):
+        """The sampler's callback: telemetry, and the annealing bar with the best loss / PSNR."""
         steps = tqdm(total=self.plan.plan.num_steps, desc="annealing", leave=False, disable=not show,
                      dynamic_ncols=True)
 
@@ -163,106 +171,44 @@ class Experiment:
                     post["psnr"] = f"{max(last['psnr_z0hat']):.2f}"
                 steps.set_postfix(post)
 
-        dev.synchronize()
-        t0 = time.perf_counter()
-        if self.baseline is not None:
-            out = self.baseline.sample(model, s.operator, particles, dev, callback)
-        else:
-            out = sample(model, s.operator, particles, self.plan.sigmas, self.plan.plan, s.ode, s.mcmc, dev,
-                         self.hooks, callback)
-        dev.synchronize()
-        elapsed = time.perf_counter() - t0
-        steps.close()
-        telemetry.close()
-        self._write_units(units, items, gt, y, out, telemetry, elapsed)
+        try:
+            yield callback
+        finally:
+            steps.close()
 
     # -- results -------------------------------------------------------------------------------------
     @torch.no_grad()
     def _write_units(self, units, items, gt, y, out: SampleOutput, telemetry: Telemetry, elapsed: float):
         """One record + tensors + pictures per measurement of the batch (shared costs split evenly)."""
         finals = out.images.float().cpu() if out.images is not None else None
-        batch = dict(n=len(units), elapsed=elapsed, telemetry=telemetry)
         for m, ((pos, seed), item) in enumerate(zip(units, items)):
             unit = self._unit((pos, seed))
-            rows, images, latents, retired = self._particles_of(m, out, finals)
+            rows, images, latents, retired = record.particle_rows(out, m, finals, self._decode)
             scored = [row for row in rows if row["status"] in ("final", "diverged")]
             unavailable = self._score(scored, images, gt[m:m + 1])
-            record = self._unit_record(m, item, seed, unit, rows, unavailable, batch)
-            tensors = dict(ids=[r["id"] for r in scored], status=[r["status"] for r in scored],
-                           images=torch.stack(images) if images else None,
-                           latents=torch.stack(latents) if latents else None,
-                           gt=gt[m].clone(), y=y[m].clone(),
-                           pruned={r.particle_id: r.z for r in retired if r.status == "pruned"})
-            self._save_pictures(unit, scored, images, gt[m], y[m])
-            self.run_dir.write_unit(unit, record, tensors)
+            unit_record = record.unit_record(
+                item, seed, unit, rows, unavailable, m=m, n=len(units), elapsed=elapsed, telemetry=telemetry,
+                plan=self.plan, config_hash=self.config_hash,
+                particle_steps=self.plan.particle_steps(int(self.cfg.num_samples), int(self.cfg.pruning.num_keep)))
+            save_unit_pictures(self.run_dir.root, unit, scored, images, gt[m], y[m], bool(self.cfg.save_samples),
+                               bool(self.cfg.save_grids))
+            self.run_dir.write_unit(unit, unit_record, record.unit_tensors(scored, images, latents, gt[m], y[m],
+                                                                           retired))
 
-    def _particles_of(self, m: int, out: SampleOutput, finals):
-        """Rows (final particles, then retired ones), images and latents of measurement m."""
-        rows, images, latents = [], [], []
-        for p in range(len(out.particles)):
-            if out.particles.measurement[p] == m:
-                rows.append(dict(id=out.particles.ids[p], parent=out.particles.parents[p],
-                                 status="final", left_at_step=None, loss=float(out.loss[p])))
-                images.append(finals[p])
-                latents.append(out.particles.z[p].cpu())
-        retired = [r for r in out.retired if r.measurement == m]
-        for r in retired:
-            rows.append(dict(id=r.particle_id, parent=None, status=r.status, left_at_step=r.step,
-                             loss=r.loss, reason=r.reason))
-            if r.status == "diverged":   # scored on its last finite latent, never best-of-N
-                images.append(self.model.decode(r.z[None].to(self.device.torch_device)).float().cpu()[0])
-                latents.append(r.z)
-        return rows, images, latents, retired
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z[None].to(self.device.torch_device)).float().cpu()[0]
 
     def _score(self, scored: list[dict], images: list[torch.Tensor], gt: torch.Tensor) -> dict:
-        """Metrics and mode labels into the rows; returns {metric: reason} for unavailable ones."""
-        unavailable: dict = {}
+        """Metrics, mode labels and prior scores of the scored particles into their rows."""
         if not images:
-            return unavailable
+            return {}
         stack = torch.stack(images)
         values = evaluate(gt, stack, self.settings.metrics, lpips=self.lpips)
-        for name in self.settings.metrics:
-            if values.get(name) is None:
-                unavailable[name] = values.get(f"{name}_unavailable_reason", "unavailable")
-                continue
-            for row, v in zip(scored, values[name].tolist()):
-                row[name] = v
-        for row, lab in zip(scored, label_modes(gt.expand_as(stack), stack, self.settings.thresholds)):
-            row.update(lab)
+        labels = label_modes(gt.expand_as(stack), stack, self.settings.thresholds)
+        prior = None
         if self.cfg.telemetry.get("prior_score", True):   # after the run: not in its time or counts
-            scores = prior_score(self.model, stack.to(self.device.torch_device))
-            for row, v in zip(scored, scores.tolist()):
-                row["prior_score"] = v
-        return unavailable
-
-    def _unit_record(self, m: int, item: dict, seed: int, unit: str, rows: list[dict],
-                     unavailable: dict, batch: dict) -> dict:
-        telemetry, n = batch["telemetry"], batch["n"]
-        finals = [r for r in rows if r["status"] == "final"]
-        return dict(
-            index=item["index"], name=item["name"], seed=seed, unit=unit,
-            particles=rows, coverage=coverage([r["mode"] for r in finals], [r["psnr_0"] for r in finals]),
-            unavailable=unavailable,
-            time=dict(total_s=batch["elapsed"] / n, batch_size=n,
-                      phases={k: v / n for k, v in phase_times(telemetry.steps).items()}),
-            steps=telemetry.steps, trace=telemetry.measurements.get(m, []),
-            events=[dict(event=e["event"], step=e["step"], **e["record"][m])
-                    for e in telemetry.events if m in e["record"]],
-            vram=phase_memory(telemetry.steps, self.plan.plan),
-            peak_reserved_mb=telemetry.peak_reserved_mb,
-            compute={k: {kk: vv / n for kk, vv in v.items()} for k, v in telemetry.compute_counts().items()},
-            resolved=self.plan.resolved, notes=self.plan.notes, config_hash=self.config_hash,
-            particle_steps=self.plan.particle_steps(int(self.cfg.num_samples), int(self.cfg.pruning.num_keep)),
-        )
-
-    def _save_pictures(self, unit: str, scored: list[dict], images: list[torch.Tensor],
-                       gt: torch.Tensor, y: torch.Tensor) -> None:
-        if self.cfg.save_samples:
-            for row, img in zip(scored, images):
-                atomic_save_png(self.run_dir.root / "samples" / f"{unit}_p{row['id']}.png", img)
-        if self.cfg.save_grids and images:
-            save_grid(self.run_dir.root / "grids" / f"{unit}.png", [gt, measurement_picture(y, gt.shape[-2:]),
-                      *images], ["truth", "|y| (log)", *map(particle_label, scored)])
+            prior = prior_score(self.model, stack.to(self.device.torch_device)).tolist()
+        return record.score_rows(scored, values, self.settings.metrics, labels, prior)
 
     def merge(self) -> dict:
         # Only this config's range and seeds: an earlier, larger run in the folder is not mixed in.
@@ -270,26 +216,18 @@ class Experiment:
         hi = lo + len(self.dataset)
         units = [u for u in self.run_dir.load_units()
                  if lo <= u["index"] < hi and u["seed"] in self.settings.seeds]
-        reserved = [u.get("peak_reserved_mb") for u in units if u.get("peak_reserved_mb") is not None]
         metadata = dict(
             device=self.device.describe(), precision=self.precision.describe(),
             batch_size=dict(config=self.cfg.batch_size, probe=getattr(self, "batch_probe", None)),
-            gpu=dict(peak_vram_mb=_max_step_peak(units), peak_reserved_mb=max(reserved) if reserved else None,
-                     weights_mb=self.weights_mb),
+            gpu=record.gpu_peaks(units, self.weights_mb),
             git_revision=git_revision(), config_hash=self.config_hash, name=str(self.cfg.name),
             num_units=len(units), num_samples=int(self.cfg.num_samples), world_size=self.rank.world,
             algorithm=self.baseline.description if self.baseline else "latent_daps",
             written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        merged = merge(units, metadata, self.settings.metrics)
+        merged = record.merge(units, metadata, self.settings.metrics)
         atomic_write_json(self.run_dir.root / "metrics.json", merged)
         return merged
-
-
-def _max_step_peak(units: list[dict]) -> float | None:
-    peaks = [s.get("peak_mb") for u in units for s in u["steps"]]
-    peaks = [p for p in peaks if p is not None]
-    return max(peaks) if peaks else None
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict | None:

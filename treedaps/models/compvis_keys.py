@@ -23,6 +23,8 @@ Layout facts the transforms encode (the numbers all come from the CompVis module
   * The autoencoder mid attention has 1x1 Conv2d ``q, k, v, proj_out`` (C, C, 1, 1) -> Linear.
   * The decoder stores its levels high-resolution first (``up.0`` runs last); diffusers stores
     ``up_blocks`` in execution order, so ``up.{l}`` -> ``up_blocks.{L-1-l}``.
+
+Over 300 lines: the name-mapping rules are one table, generated from one config; read together.
 """
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ Own code (small, and written here because the CompVis arithmetic must be matched
 
 The semantics are those of DAPS's ``LDM`` wrapper (``encode``/``decode``/``tweedie``), see
 docs/checkpoints.md.
+
+Over 300 lines: the CompVis arithmetic that must match the original (VQ, class context, VPPrecond)
+kept beside the model it belongs to.
 """
 from __future__ import annotations
 

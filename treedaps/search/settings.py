@@ -62,9 +62,7 @@ class SearchSettings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "SearchSettings":
         repulsion = pruning = optimization = None
-        if float(cfg.repulsion_scale) < 0:
-            raise ConfigError(f"repulsion_scale must be >= 0 (0 = independent particles), got {cfg.repulsion_scale}")
-        if float(cfg.repulsion_scale) > 0:
+        if float(cfg.repulsion_scale) != 0:     # a negative scale: RepulsionConfig refuses it
             r = cfg.repulsion
             repulsion = RepulsionConfig(float(cfg.repulsion_scale), str(r.decay), float(r.end_timestep),
                                         r.bandwidth, str(r.representation))

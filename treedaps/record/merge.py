@@ -1,7 +1,7 @@
 """metrics.json: one module writes it (schema in docs/metrics.md).
 
-A *unit* is one measurement run: (global image index, seed), written as units/<unit>.json by the
-runner. ``merge`` checks every unit record up front (required keys, the run's config hash), then
+A *unit* is one measurement run: (global image index, seed), written as units/<unit>.json (its
+record is built by ``treedaps.record.unit``). ``merge`` checks every unit record up front (required keys, the run's config hash), then
 reads each unit into a small summary (an error there names the unit) and joins the summaries into
 metrics.json: DAPS's per-metric layout plus our additions. Any per-particle number may be absent
 (a skipped optimisation event, a diverged particle, LPIPS offline, no trace): it is carried as
@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import statistics
 
-from .metrics import HIGHER_IS_BETTER
-from .plan import PhasePlan
-from .throughput import images_per_gpu_hour
-from .unit_checks import UnitRecordError, check_config_hashes, check_unit, reading, unit_label
+from ..metrics import HIGHER_IS_BETTER
+from ..plan import PhasePlan
+from ..throughput import images_per_gpu_hour
+from ..unit_checks import UnitRecordError, check_config_hashes, check_unit, reading, unit_label
 
-__all__ = ["PHASES", "SCHEMA_VERSION", "VRAM_KEYS", "UnitRecordError", "dry_run_regret", "merge",
+__all__ = ["PHASES", "SCHEMA_VERSION", "VRAM_KEYS", "UnitRecordError", "dry_run_regret", "gpu_peaks", "merge",
            "optimization_rows", "optimization_summary", "phase_memory", "phase_times", "summarise_dry_run",
            "summarise_optimization", "unit_label"]
 
@@ -84,6 +84,13 @@ def phase_times(steps: list[dict]) -> dict:
         out["optimize"] += s["optimize_s"]
         out[s["phase"]] += s["time_s"] - s["prune_s"] - s["optimize_s"]
     return out
+
+
+def gpu_peaks(units: list[dict], weights_mb: float | None) -> dict:
+    """metadata.gpu: the largest per-step peak and peak reserved memory over the units."""
+    reserved = [u.get("peak_reserved_mb") for u in units if u.get("peak_reserved_mb") is not None]
+    return dict(peak_vram_mb=_max(s.get("peak_mb") for u in units for s in u["steps"]),
+                peak_reserved_mb=max(reserved) if reserved else None, weights_mb=weights_mb)
 
 
 # -- one unit -> its summary ---------------------------------------------------------------------------
