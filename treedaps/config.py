@@ -30,7 +30,7 @@ SCHEMA: dict[str, set | None] = {
     "branch_timestep": set(), "use_tpu": set(), "device": set(), "gpu": set(), "batch_size": set(),
     "num_runs": set(), "task_group": set(), "eval_fn_list": set(), "save_samples": set(),
     "save_grids": set(), "progress": set(), "deterministic": set(), "threads": set(),
-    "dist_timeout_min": set(), "algorithm": set(),
+    "dist_timeout_min": set(), "algorithm": set(), "tpu_cores": set(), "xla_cache_dir": set(),
     "modes": {"min_psnr", "margin"},
     "telemetry": {"diagnostics", "pairwise_matrices", "prior_score"},
     "repulsion": {"decay", "end_timestep", "bandwidth", "representation"},
@@ -140,6 +140,8 @@ def validate(cfg: DictConfig) -> Settings:
     if isinstance(cfg.dist_timeout_min, bool) or not isinstance(cfg.dist_timeout_min, (int, float)) \
             or not cfg.dist_timeout_min > 0:
         _fail(f"dist_timeout_min (minutes a rank waits for the others) must be > 0, got {cfg.dist_timeout_min!r}")
+    if str(cfg.get("tpu_cores", "auto")) not in ("auto", "1"):
+        _fail(f"tpu_cores must be auto (every local TPU core) or 1, got {cfg.tpu_cores!r}")
     metrics = tuple(cfg.eval_fn_list)
     for m in metrics:
         if m not in METRICS:
