@@ -1,0 +1,79 @@
+"""use_tpu=true on several TPU cores, with the stand-in torch_xla of test_device.py: the entry point
+starts one process per core through the launcher, each runs its shard under its own ordinal, every
+process meets at the rendezvous before rank 0 merges, and the numbers equal a one-process CPU run."""
+import json
+
+import pytest
+from conftest import make_cfg
+from test_device import stand_in_torch_xla
+
+import posterior_sample
+from treedaps import distributed
+from treedaps.config import validate
+from treedaps.runner import Experiment
+
+OVERRIDES = ["data.end_id=3", "save_samples=false", "save_grids=false", "eval_fn_list=[psnr]"]
+
+
+def test_entry_point_spawns_one_process_per_core_and_merges_after_the_rendezvous(tmp_path, monkeypatch):
+    xm, rt = stand_in_torch_xla(monkeypatch, cores=2)
+    shards, order = {}, []
+    run_batch = Experiment.run_batch
+
+    def recording_run_batch(self, units, show):
+        shards.setdefault(self.rank.rank, []).extend(pos for pos, _ in units)
+        return run_batch(self, units, show)
+
+    def recording_rendezvous(tag):
+        order.append((rt.ordinal, tag, (tmp_path / "tpu" / "metrics.json").exists()))
+
+    monkeypatch.setattr(Experiment, "run_batch", recording_run_batch)
+    monkeypatch.setattr(xm, "rendezvous", recording_rendezvous)
+    monkeypatch.setattr("torch_xla.core.xla_model.rendezvous", recording_rendezvous)
+    cfg = make_cfg(tmp_path, "use_tpu=true", f"xla_cache_dir={tmp_path / 'cache'}", *OVERRIDES, name="tpu")
+    posterior_sample.spawn_tpu(cfg, ["use_tpu=true"])
+
+    assert rt.spawns == [None]                           # nprocs=None: one process per local core
+    assert shards == {0: [0, 2], 1: [1]}                 # Rank.shard, as under torchrun
+    assert order == [(1, "merge", False), (0, "merge", False)]   # both met before metrics.json
+    assert [(o, p.endswith(f"cache/{o}")) for o, p, _ in rt.caches] == [(1, True), (0, True)]
+    tpu = json.loads((tmp_path / "tpu" / "metrics.json").read_text())
+    assert tpu["metadata"]["world_size"] == 2 and [u["index"] for u in tpu["units"]] == [0, 1, 2]
+
+    one = Experiment(make_cfg(tmp_path, "device=cpu", *OVERRIDES, name="cpu")).run()
+    assert tpu["psnr"]["sample"] == one["psnr"]["sample"]   # host streams: sharding changes nothing
+
+
+def test_one_core_runs_in_this_process_and_bad_core_counts_are_refused(tmp_path, capsys):
+    assert posterior_sample._tpu_processes(make_cfg(tmp_path, "tpu_cores=1")) == 1
+    assert posterior_sample._tpu_processes(make_cfg(tmp_path)) is None          # auto
+    with pytest.raises(SystemExit) as info:
+        posterior_sample._tpu_processes(make_cfg(tmp_path, "tpu_cores=4"))
+    assert info.value.code == 2 and "tpu_cores must be auto" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tpu_cores must be auto"):
+        validate(make_cfg(tmp_path, "tpu_cores=3"))
+
+
+def test_a_failing_process_ends_the_launch_with_one_line(tmp_path, monkeypatch, capsys):
+    xm, rt = stand_in_torch_xla(monkeypatch, cores=2)
+
+    def failing_spawn(fn, args=(), nprocs=None, **kw):
+        raise RuntimeError("process 1 terminated with exit code 2")   # torch.multiprocessing's way
+
+    monkeypatch.setattr("torch_xla.distributed.xla_multiprocessing.spawn", failing_spawn)
+    with pytest.raises(SystemExit) as info:
+        posterior_sample.spawn_tpu(make_cfg(tmp_path, "use_tpu=true", *OVERRIDES), [])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "exit code 2" in err
+
+
+def test_torchrun_barrier_waits_and_refuses_without_a_process_group(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    distributed.barrier(distributed.Rank(1, 2, 1, "torchrun"))
+    distributed.barrier(distributed.Rank())                   # one process: nothing to wait for
+    assert calls == ["barrier"]
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="no process group to wait on before the merge"):
+        distributed.barrier(distributed.Rank(1, 2, 1, "torchrun"))
