@@ -4,6 +4,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 import types
 
 import pytest
@@ -62,12 +64,16 @@ def test_cpu_and_errors(monkeypatch):
 
 
 class FakeRuntime:
-    """torch_xla.runtime and xla_multiprocessing.spawn: ``spawn`` runs the "processes" one after
-    the other in this process (the last ordinal first, so that rank 0, which merges, comes last)."""
+    """torch_xla.runtime and xla_multiprocessing.spawn: ``spawn`` runs the "processes" as threads
+    of this process, ordinal k starting ``k * delay_s`` seconds late (rank 0, which merges, first)."""
 
-    def __init__(self, cores=1):
-        self.cores, self.ordinal, self.world = cores, 0, 1
-        self.spawns, self.caches = [], []
+    def __init__(self, cores=1, delay_s=0.0):
+        self.cores, self.world, self.delay_s = cores, 1, delay_s
+        self.spawns, self.caches, self.local = [], [], threading.local()
+
+    @property
+    def ordinal(self):
+        return getattr(self.local, "ordinal", 0)
 
     def global_ordinal(self):
         return self.ordinal
@@ -83,14 +89,28 @@ class FakeRuntime:
     def spawn(self, fn, args=(), nprocs=None, **kw):
         self.spawns.append(nprocs)
         self.world = self.cores if nprocs is None else nprocs
-        for index in reversed(range(self.world)):
-            self.ordinal = index
-            fn(index, *args)
+        errors = []
+
+        def process(index):
+            self.local.ordinal = index
+            time.sleep(index * self.delay_s)
+            try:
+                fn(index, *args)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, as the launcher does
+                errors.append(err)
+
+        threads = [threading.Thread(target=process, args=(i,)) for i in range(self.world)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
 
 
-def stand_in_torch_xla(monkeypatch, version=None, cores=1):
+def stand_in_torch_xla(monkeypatch, version=None, cores=1, delay_s=0.0):
     """torch_xla's modules the code uses, backed by FakeXM and FakeRuntime; returns both."""
-    xm, rt = FakeXM(), FakeRuntime(cores)
+    xm, rt = FakeXM(), FakeRuntime(cores, delay_s)
     pkg = types.ModuleType("torch_xla")
     core = types.ModuleType("torch_xla.core")
     mod = types.ModuleType("torch_xla.core.xla_model")

@@ -15,28 +15,31 @@ from treedaps.runner import Experiment
 OVERRIDES = ["data.end_id=3", "save_samples=false", "save_grids=false", "eval_fn_list=[psnr]"]
 
 
-def test_entry_point_spawns_one_process_per_core_and_merges_after_the_rendezvous(tmp_path, monkeypatch):
-    xm, rt = stand_in_torch_xla(monkeypatch, cores=2)
-    shards, order = {}, []
-    run_batch = Experiment.run_batch
+def test_entry_point_spawns_one_process_per_core_and_merges_after_every_core(tmp_path, monkeypatch):
+    """Core 1 starts 3 s late, so core 0 finishes its shard first and must wait for it."""
+    xm, rt = stand_in_torch_xla(monkeypatch, cores=2, delay_s=3.0)
+    monkeypatch.setenv(distributed.LAUNCH_ENV, "before")         # restored afterwards
+    shards, merged_with = {}, []
+    run_batch, merge = Experiment.run_batch, Experiment.merge
 
     def recording_run_batch(self, units, show):
         shards.setdefault(self.rank.rank, []).extend(pos for pos, _ in units)
         return run_batch(self, units, show)
 
-    def recording_rendezvous(tag):
-        order.append((rt.ordinal, tag, (tmp_path / "tpu" / "metrics.json").exists()))
+    def recording_merge(self):
+        merged_with.append(sorted(p.name for p in self.run_dir.units.glob("*.json")))
+        return merge(self)
 
     monkeypatch.setattr(Experiment, "run_batch", recording_run_batch)
-    monkeypatch.setattr(xm, "rendezvous", recording_rendezvous)
-    monkeypatch.setattr("torch_xla.core.xla_model.rendezvous", recording_rendezvous)
+    monkeypatch.setattr(Experiment, "merge", recording_merge)
     cfg = make_cfg(tmp_path, "use_tpu=true", f"xla_cache_dir={tmp_path / 'cache'}", *OVERRIDES, name="tpu")
     posterior_sample.spawn_tpu(cfg, ["use_tpu=true"])
 
     assert rt.spawns == [None]                           # nprocs=None: one process per local core
     assert shards == {0: [0, 2], 1: [1]}                 # Rank.shard, as under torchrun
-    assert order == [(1, "merge", False), (0, "merge", False)]   # both met before metrics.json
-    assert [(o, p.endswith(f"cache/{o}")) for o, p, _ in rt.caches] == [(1, True), (0, True)]
+    assert merged_with == [["00000.json", "00001.json", "00002.json"]]   # once, after core 1
+    assert sorted((o, p.endswith(f"cache/{o}")) for o, p, _ in rt.caches) == [(0, True), (1, True)]
+    assert not (tmp_path / "tpu" / ".ranks").exists()    # the marks are cleaned up
     tpu = json.loads((tmp_path / "tpu" / "metrics.json").read_text())
     assert tpu["metadata"]["world_size"] == 2 and [u["index"] for u in tpu["units"]] == [0, 1, 2]
 

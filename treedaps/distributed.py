@@ -1,9 +1,9 @@
 """Several GPUs (``torchrun``) or TPU cores (PyTorch/XLA): measurements sharded, results merged.
 
 Each rank runs every ``world``-th measurement (``Rank.shard``) and writes its own per-measurement
-files into the shared run folder; after a rendezvous of all ranks (``barrier``: ``dist.barrier``
-under torchrun, ``xm.rendezvous("merge")`` on XLA) rank 0 merges them into metrics.json, so it never
-merges before every rank finished. Random streams are keyed by (seed, image index, particle id),
+files into the shared run folder; rank 0 merges them into metrics.json only after every rank
+finished (``barrier``: ``dist.barrier`` under torchrun; on XLA a file per finished rank in the run
+folder, see ``done_marks``). Random streams are keyed by (seed, image index, particle id),
 never by rank, so the numbers do not depend on the sharding.
 
 * torchrun: the launcher sets RANK / WORLD_SIZE; shards of multi-minute measurements end at
@@ -15,13 +15,21 @@ never by rank, so the numbers do not depend on the sharding.
 * TPU: ``use_tpu=true`` with ``tpu_cores=auto`` makes the entry point start one process per local
   TPU core itself (``spawn_xla``: ``torch_xla.distributed.xla_multiprocessing.spawn``, PJRT); each
   reads its ordinal and the world size from ``torch_xla.runtime``. ``torch.multiprocessing`` stops
-  the other processes when one fails, and ``spawn_xla`` raises.
+  the other processes when one fails, and ``spawn_xla`` raises. The XLA wait is not
+  ``xm.rendezvous``: that is an XLA collective, and XLA ends a collective whose participants arrive
+  more than seconds apart (seen with torch_xla 2.9 on the CPU runtime: "Termination timeout ...
+  of 10 seconds exceeded"), while shards end minutes apart. Rank 0 instead polls for every rank's
+  mark, at most ``dist_timeout_min``.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -63,17 +71,44 @@ def init(use_tpu: bool = False, timeout_min: float = 360.0) -> Rank:
     return Rank(rank, world, local, "torchrun")
 
 
-def barrier(rank: Rank) -> None:
-    """Wait until every rank got here (a no-op for one process)."""
+LAUNCH_ENV = "TREEDAPS_LAUNCH_ID"    # set by spawn_xla: names this launch's done marks
+
+
+def barrier(rank: Rank, folder: str | Path | None = None, timeout_min: float = 360.0,
+            poll_s: float = 2.0) -> None:
+    """Return on rank 0 once every rank finished its shard (a no-op for one process). torchrun:
+    ``dist.barrier`` (all ranks wait). XLA: each rank leaves a mark in ``folder``; rank 0 waits for
+    all of them (at most ``timeout_min``, then a one-line error), the others return at once."""
     if rank.world <= 1:
         return
     if rank.backend == "xla":
-        import torch_xla.core.xla_model as xm  # noqa: PLC0415 - TPU only
-        xm.rendezvous("merge")
+        marks = done_marks(folder)
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / f"{rank.rank}.done").touch()
+        if not rank.is_main:
+            return
+        deadline = time.monotonic() + 60.0 * timeout_min
+        while missing := [r for r in range(rank.world) if not (marks / f"{r}.done").exists()]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank(s) {missing} of {rank.world} did not finish within "
+                                   f"dist_timeout_min={timeout_min:g}; finished measurements are kept")
+            time.sleep(poll_s)
+        shutil.rmtree(marks, ignore_errors=True)
+        try:
+            marks.parent.rmdir()                     # .ranks, unless another launch is in it
+        except OSError:
+            pass
     elif dist.is_initialized():
         dist.barrier()
     else:
         raise RuntimeError(f"rank {rank.rank} of {rank.world}: no process group to wait on before the merge")
+
+
+def done_marks(folder: str | Path | None) -> Path:
+    """Where the ranks of this launch mark that they finished: ``folder/.ranks/<launch id>``."""
+    if folder is None:
+        raise ValueError("an XLA barrier needs the run folder")
+    return Path(folder) / ".ranks" / os.environ.get(LAUNCH_ENV, "launch")
 
 
 def tpu_processes(tpu_cores: int | str) -> int | None:
@@ -91,4 +126,5 @@ def spawn_xla(fn: Callable, args: tuple, tpu_cores: int | str = "auto") -> None:
     """Run ``fn(index, *args)`` in one process per local TPU core (``tpu_cores=auto``) and wait for
     all of them; a failing process stops the others and raises here (torch.multiprocessing)."""
     import torch_xla.distributed.xla_multiprocessing as xmp  # noqa: PLC0415 - TPU only
+    os.environ[LAUNCH_ENV] = uuid.uuid4().hex       # inherited by the processes: fresh marks
     xmp.spawn(fn, args=args, nprocs=tpu_processes(tpu_cores))
