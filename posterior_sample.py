@@ -92,13 +92,25 @@ def spawn_tpu(cfg: DictConfig, overrides: list[str]) -> None:
         sys.exit(2)
 
 
+def _core_filter(record: logging.LogRecord) -> bool:
+    """Names the TPU core in each log line (PJRT may run cores as threads of one process)."""
+    try:
+        import torch_xla.runtime as xr  # noqa: PLC0415 - TPU only
+        record.core = xr.global_ordinal()
+    except (ImportError, RuntimeError):
+        record.core = "?"
+    return True
+
+
 def xla_worker(index: int, cfg_dict: dict, overrides: list[str]) -> None:
     """One TPU core's process: its shard of the run (rank and world from torch_xla.runtime)."""
     from omegaconf import OmegaConf  # noqa: PLC0415
     from treedaps.report import summary_table  # noqa: PLC0415
     from treedaps.runner import Experiment  # noqa: PLC0415
 
-    logging.basicConfig(level=logging.INFO, format=f"[core {index}] %(message)s")
+    logging.basicConfig(level=logging.INFO, format="[core %(core)s] %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_core_filter)
     experiment = build_or_explain(Experiment, OmegaConf.create(cfg_dict), overrides, index)
     merged = run_or_explain(experiment)
     if merged is not None:

@@ -2,6 +2,7 @@
 starts one process per core through the launcher, each runs its shard under its own ordinal, every
 process meets at the rendezvous before rank 0 merges, and the numbers equal a one-process CPU run."""
 import json
+import logging
 
 import pytest
 from conftest import make_cfg
@@ -13,6 +14,15 @@ from treedaps.config import validate
 from treedaps.runner import Experiment
 
 OVERRIDES = ["data.end_id=3", "save_samples=false", "save_grids=false", "eval_fn_list=[psnr]"]
+
+
+@pytest.fixture(autouse=True)
+def root_log_handlers():
+    """xla_worker replaces the root logger's handlers (as a fresh process does): put them back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = handlers, level
 
 
 def test_entry_point_spawns_one_process_per_core_and_merges_after_every_core(tmp_path, monkeypatch):
