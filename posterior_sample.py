@@ -111,8 +111,15 @@ def xla_worker(index: int, cfg_dict: dict, overrides: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="[core %(core)s] %(message)s", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_core_filter)
-    experiment = build_or_explain(Experiment, OmegaConf.create(cfg_dict), overrides, index)
-    merged = run_or_explain(experiment)
+    cfg = OmegaConf.create(cfg_dict)
+    try:
+        experiment = build_or_explain(Experiment, cfg, overrides, index)
+        merged = run_or_explain(experiment)
+    except BaseException:
+        import torch_xla.runtime as xr  # noqa: PLC0415 - TPU only
+        from treedaps import distributed  # noqa: PLC0415
+        distributed.mark_failed(Path(str(cfg.save_dir)) / str(cfg.name), xr.global_ordinal())
+        raise
     if merged is not None:
         print(summary_table([merged]))
         print(f"results: {experiment.run_dir.root}")

@@ -3,6 +3,7 @@ starts one process per core through the launcher, each runs its shard under its 
 process meets at the rendezvous before rank 0 merges, and the numbers equal a one-process CPU run."""
 import json
 import logging
+import time
 
 import pytest
 from conftest import make_cfg
@@ -78,6 +79,28 @@ def test_a_failing_process_ends_the_launch_with_one_line(tmp_path, monkeypatch, 
         posterior_sample.spawn_tpu(make_cfg(tmp_path, "use_tpu=true", *OVERRIDES), [])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and "exit code 2" in err
+
+
+def test_rank_0_stops_waiting_when_a_core_failed(tmp_path, monkeypatch):
+    """Core 1 fails to build (a missing checkpoint): its failure mark ends core 0's wait at once
+    (PJRT's threaded mode would otherwise keep it waiting dist_timeout_min)."""
+    xm, rt = stand_in_torch_xla(monkeypatch, cores=2, delay_s=3.0)
+    monkeypatch.setenv(distributed.LAUNCH_ENV, "before")
+    build = Experiment.__init__
+
+    def failing_on_core_1(self, cfg, overrides=None):
+        if rt.ordinal == 1:
+            raise FileNotFoundError("checkpoint missing on core 1")
+        build(self, cfg, overrides)
+
+    monkeypatch.setattr(Experiment, "__init__", failing_on_core_1)
+    start = time.monotonic()
+    with pytest.raises(SystemExit):
+        posterior_sample.spawn_tpu(make_cfg(tmp_path, "use_tpu=true", "dist_timeout_min=1", *OVERRIDES,
+                                            name="tpu"), [])
+    assert time.monotonic() - start < 30                   # not the 60 s dist_timeout_min
+    assert not (tmp_path / "tpu" / "metrics.json").exists()
+    assert (tmp_path / "tpu" / ".ranks").exists()          # core 1's failure mark stays for the record
 
 
 def test_torchrun_barrier_waits_and_refuses_without_a_process_group(monkeypatch):

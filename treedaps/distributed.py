@@ -89,6 +89,9 @@ def barrier(rank: Rank, folder: str | Path | None = None, timeout_min: float = 3
             return
         deadline = time.monotonic() + 60.0 * timeout_min
         while missing := [r for r in range(rank.world) if not (marks / f"{r}.done").exists()]:
+            if failed := [r for r in missing if (marks / f"{r}.failed").exists()]:
+                raise RuntimeError(f"rank(s) {failed} of {rank.world} failed (their error is above); "
+                                   f"finished measurements are kept, rerun to resume")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"rank(s) {missing} of {rank.world} did not finish within "
                                    f"dist_timeout_min={timeout_min:g}; finished measurements are kept")
@@ -109,6 +112,13 @@ def done_marks(folder: str | Path | None) -> Path:
     if folder is None:
         raise ValueError("an XLA barrier needs the run folder")
     return Path(folder) / ".ranks" / os.environ.get(LAUNCH_ENV, "launch")
+
+
+def mark_failed(folder: str | Path, rank: int) -> None:
+    """Tell a waiting rank 0 that ``rank`` ended with an error (it stops waiting at once)."""
+    marks = done_marks(folder)
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / f"{rank}.failed").touch()
 
 
 def tpu_processes(tpu_cores: int | str) -> int | None:
