@@ -8,6 +8,10 @@ line on stderr and exit code 2, before anything is written. An error of the syst
 (a full disk, a permission, a file that became unreadable, CUDA out of memory) or Ctrl-C ends it
 with one line too, saying how many finished measurements the folder keeps: rerunning the same
 command resumes from there.
+
+``use_tpu=true`` with ``tpu_cores=auto`` (the default) starts one process per local TPU core
+(``xla_worker``, through PyTorch/XLA's launcher: treedaps/distributed.py), each running its shard;
+rank 0 merges and prints the summary. ``tpu_cores=1`` runs in this process on one core.
 """
 from __future__ import annotations
 
@@ -35,12 +39,87 @@ def main(cfg: DictConfig) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(HydraConfig.get().overrides.task)
+    if bool(cfg.use_tpu) and _tpu_processes(cfg) is None:
+        spawn_tpu(cfg, overrides)
+        return
+    experiment = build_or_explain(Experiment, cfg, overrides, 0 if bool(cfg.use_tpu) else None)
+    merged = run_or_explain(experiment)
+    if merged is not None:
+        print(summary_table([merged]))
+        print(f"results: {experiment.run_dir.root}")
+
+
+def build_or_explain(make, cfg: DictConfig, overrides: list[str], xla_index: int | None = None):
+    """``make(cfg, overrides)`` (after starting XLA's compilation cache of TPU core ``xla_index``);
+    a bad config, data or checkpoint -> one line on stderr, exit 2."""
+    from treedaps.device import init_xla_cache  # noqa: PLC0415
+
     try:
-        experiment = Experiment(cfg, overrides)
+        if xla_index is not None:
+            init_xla_cache(cfg.get("xla_cache_dir"), xla_index)
+        return make(cfg, overrides)
     except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    merged = run_or_explain(experiment)
+
+
+def _tpu_processes(cfg: DictConfig) -> int | None:
+    from treedaps.distributed import tpu_processes  # noqa: PLC0415
+
+    try:
+        return tpu_processes(cfg.get("tpu_cores", "auto"))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def spawn_tpu(cfg: DictConfig, overrides: list[str]) -> None:
+    """One ``xla_worker`` per local TPU core; a failed worker (the others are stopped) -> exit 2."""
+    from omegaconf import OmegaConf  # noqa: PLC0415
+    from treedaps import distributed  # noqa: PLC0415
+    from treedaps.device import _import_xla  # noqa: PLC0415
+
+    try:
+        _import_xla()                       # "not installed" / "incompatible" before any spawn
+        distributed.spawn_xla(xla_worker, (OmegaConf.to_container(cfg, resolve=True), overrides),
+                              cfg.get("tpu_cores", "auto"))
+    except RuntimeError as err:
+        print(f"error: {' '.join(str(err).split())[:500]}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - torch.multiprocessing's ProcessExitedException etc.
+        print(f"error: a TPU process failed ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
+              f"its own error is above; finished measurements are kept, rerun to resume", file=sys.stderr)
+        sys.exit(2)
+
+
+def _core_filter(record: logging.LogRecord) -> bool:
+    """Names the TPU core in each log line (PJRT may run cores as threads of one process)."""
+    try:
+        import torch_xla.runtime as xr  # noqa: PLC0415 - TPU only
+        record.core = xr.global_ordinal()
+    except (ImportError, RuntimeError):
+        record.core = "?"
+    return True
+
+
+def xla_worker(index: int, cfg_dict: dict, overrides: list[str]) -> None:
+    """One TPU core's process: its shard of the run (rank and world from torch_xla.runtime)."""
+    from omegaconf import OmegaConf  # noqa: PLC0415
+    from treedaps.report import summary_table  # noqa: PLC0415
+    from treedaps.runner import Experiment  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.INFO, format="[core %(core)s] %(message)s", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_core_filter)
+    cfg = OmegaConf.create(cfg_dict)
+    try:
+        experiment = build_or_explain(Experiment, cfg, overrides, index)
+        merged = run_or_explain(experiment)
+    except BaseException:
+        import torch_xla.runtime as xr  # noqa: PLC0415 - TPU only
+        from treedaps import distributed  # noqa: PLC0415
+        distributed.mark_failed(Path(str(cfg.save_dir)) / str(cfg.name), xr.global_ordinal())
+        raise
     if merged is not None:
         print(summary_table([merged]))
         print(f"results: {experiment.run_dir.root}")

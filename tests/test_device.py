@@ -4,6 +4,8 @@ import logging
 import os
 import re
 import sys
+import threading
+import time
 import types
 
 import pytest
@@ -26,6 +28,15 @@ class FakeXM:
     def __init__(self):
         self.mark_steps = 0
         self.waits = 0
+        self.transfers = 0           # batched host-to-device transfers
+        self.rendezvous_tags = []
+
+    def send_cpu_data_to_device(self, tensors, device):
+        self.transfers += 1
+        return [t.to(device) for t in tensors]
+
+    def rendezvous(self, tag):
+        self.rendezvous_tags.append(tag)
 
     def mark_step(self):
         self.mark_steps += 1
@@ -52,19 +63,73 @@ def test_cpu_and_errors(monkeypatch):
         select_device(use_tpu=True)
 
 
-def stand_in_torch_xla(monkeypatch, version=None):
-    xm = FakeXM()
+class FakeRuntime:
+    """torch_xla.runtime and xla_multiprocessing.spawn: ``spawn`` runs the "processes" as threads
+    of this process, ordinal k starting ``k * delay_s`` seconds late (rank 0, which merges, first)."""
+
+    def __init__(self, cores=1, delay_s=0.0):
+        self.cores, self.world, self.delay_s = cores, 1, delay_s
+        self.spawns, self.caches, self.local = [], [], threading.local()
+
+    @property
+    def ordinal(self):
+        return getattr(self.local, "ordinal", 0)
+
+    def global_ordinal(self):
+        return self.ordinal
+
+    local_ordinal = global_ordinal
+
+    def world_size(self):
+        return self.world
+
+    def initialize_cache(self, path, readonly=False):
+        self.caches.append((self.ordinal, path, readonly))
+
+    def spawn(self, fn, args=(), nprocs=None, **kw):
+        self.spawns.append(nprocs)
+        self.world = self.cores if nprocs is None else nprocs
+        errors = []
+
+        def process(index):
+            self.local.ordinal = index
+            time.sleep(index * self.delay_s)
+            try:
+                fn(index, *args)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, as the launcher does
+                errors.append(err)
+
+        threads = [threading.Thread(target=process, args=(i,)) for i in range(self.world)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+
+
+def stand_in_torch_xla(monkeypatch, version=None, cores=1, delay_s=0.0):
+    """torch_xla's modules the code uses, backed by FakeXM and FakeRuntime; returns both."""
+    xm, rt = FakeXM(), FakeRuntime(cores, delay_s)
     pkg = types.ModuleType("torch_xla")
     core = types.ModuleType("torch_xla.core")
     mod = types.ModuleType("torch_xla.core.xla_model")
-    for name in ("mark_step", "wait_device_ops", "xla_device", "get_memory_info"):
+    for name in ("mark_step", "wait_device_ops", "xla_device", "get_memory_info",
+                 "send_cpu_data_to_device", "rendezvous"):
         setattr(mod, name, getattr(xm, name))
-    pkg.core, core.xla_model = core, mod
-    if version is not None:
-        pkg.__version__ = version
-    monkeypatch.setitem(sys.modules, "torch_xla", pkg)
-    monkeypatch.setitem(sys.modules, "torch_xla.core", core)
-    monkeypatch.setitem(sys.modules, "torch_xla.core.xla_model", mod)
+    runtime = types.ModuleType("torch_xla.runtime")
+    for name in ("global_ordinal", "local_ordinal", "world_size", "initialize_cache"):
+        setattr(runtime, name, getattr(rt, name))
+    dist_pkg = types.ModuleType("torch_xla.distributed")
+    xmp = types.ModuleType("torch_xla.distributed.xla_multiprocessing")
+    xmp.spawn = rt.spawn
+    pkg.core, core.xla_model, pkg.runtime, pkg.distributed, dist_pkg.xla_multiprocessing = core, mod, runtime, dist_pkg, xmp
+    pkg.__version__ = version or ".".join(torch.__version__.split("+")[0].split(".")[:2]) + ".0"
+    for name, m in (("torch_xla", pkg), ("torch_xla.core", core), ("torch_xla.core.xla_model", mod),
+                    ("torch_xla.runtime", runtime), ("torch_xla.distributed", dist_pkg),
+                    ("torch_xla.distributed.xla_multiprocessing", xmp)):
+        monkeypatch.setitem(sys.modules, name, m)
+    return xm, rt
 
 
 def test_use_tpu_selects_xla_when_torch_xla_imports(monkeypatch):
@@ -163,18 +228,38 @@ def test_auto_without_cuda_warns(monkeypatch, caplog, torch_flags):
     assert caplog.records == []
 
 
-def test_xla_cuts_the_graph_every_mcmc_iteration_and_draws_on_the_host():
+@pytest.mark.parametrize("algo", ["langevin", "hmc"])
+def test_xla_cuts_the_graph_every_mcmc_iteration_and_draws_on_the_host(algo):
     xm = FakeXM()
     xla = Device("xla", torch.device("cpu"), xm)
     cpu = select_device("cpu")
     model = GaussianMixturePrior()
     op = PhaseRetrieval(2.0, 32, 0.05)
     y = op.measure(model.images[:1], measurement_generator(42, 0))
-    mcmc = MCMCConfig("langevin", 5, 3.5e-5)
+    mcmc = MCMCConfig(algo, 5, 3.5e-5)
     outs = []
     for dev in (xla, cpu):
         parts = Particles.start(y, [0], [42], 2, model.latent_shape, 10.0, dev)
         outs.append(sample(model, op, parts, AnnealingConfig(num_steps=3).sigmas(), PhasePlan(3, 3), ODEConfig(),
                            mcmc, dev))
     assert xm.mark_steps == 3 * 5 + 3            # every MCMC iteration + every annealing step
+    assert xm.transfers == 3                     # one noise transfer per annealing step
     assert torch.equal(outs[0].particles.z, outs[1].particles.z)   # host streams = CPU streams
+
+
+def test_noise_block_equals_the_per_draw_streams_bitwise():
+    """A block of draws (XLA) hands out exactly the numbers randn_like_z would, in the same order,
+    also after particles left the batch mid-block."""
+    cpu = select_device("cpu")
+    y = torch.rand(2, 1, 8, 8)
+    a, b = (Particles.start(y, [0, 5], [42, 42], 3, (2, 4, 4), 1.0, cpu) for _ in range(2))
+    block = a.noise_block(cpu, 4)
+    first = [block(), block()]
+    assert all(torch.equal(x, b.randn_like_z(cpu)) for x in first)
+    block.select([0, 2, 5])
+    b = b.select([0, 2, 5])
+    rest = [block(), block()]
+    assert all(x.shape[0] == 3 and torch.equal(x, b.randn_like_z(cpu)) for x in rest)
+    assert not torch.equal(rest[0], rest[1])
+    with pytest.raises(RuntimeError, match="noise block exhausted after 4 draws"):
+        block()

@@ -27,7 +27,7 @@ def test_process_group_gets_the_configured_timeout(monkeypatch, minutes):
     monkeypatch.setattr(distributed.dist, "init_process_group",
                         lambda backend, **kw: calls.append((backend, kw)))
     rank = distributed.init() if minutes is None else distributed.init(timeout_min=minutes)
-    assert rank == distributed.Rank(1, 2, 1)
+    assert rank == distributed.Rank(1, 2, 1, "torchrun")
     assert len(calls) == 1 and calls[0][1] == {"timeout": timedelta(minutes=minutes or 360)}
 
 

@@ -29,7 +29,8 @@ __all__ = ["ConfigError", "Settings", "validate", "to_container"]
 RUN_KEYS = ("name", "save_dir", "seed", "seeds", "num_samples", "repulsion_scale", "pruning_step",
             "optimization_step", "branch_timestep", "use_tpu", "device", "gpu", "batch_size", "num_runs",
             "task_group", "eval_fn_list", "save_samples", "save_grids", "progress", "deterministic",
-            "threads", "dist_timeout_min", "algorithm", "precision", "compile", "channels_last")
+            "threads", "dist_timeout_min", "algorithm", "precision", "compile", "channels_last",
+            "tpu_cores", "xla_cache_dir")
 TELEMETRY_KEYS = ("diagnostics", "pairwise_matrices", "prior_score")
 # DAPS's mcmc_sampler_config names -> MCMCConfig fields; prior_sigma_min is DAPS's and unused here.
 MCMC_NAMES = {"mc_algo": "algo"}
@@ -160,6 +161,8 @@ def validate(cfg: DictConfig) -> Settings:
     if isinstance(cfg.dist_timeout_min, bool) or not isinstance(cfg.dist_timeout_min, (int, float)) \
             or not cfg.dist_timeout_min > 0:
         _fail(f"dist_timeout_min (minutes a rank waits for the others) must be > 0, got {cfg.dist_timeout_min!r}")
+    if str(cfg.get("tpu_cores", "auto")) not in ("auto", "1"):
+        _fail(f"tpu_cores must be auto (every local TPU core) or 1, got {cfg.tpu_cores!r}")
     metrics = tuple(cfg.eval_fn_list)
     for m in metrics:
         if m not in METRICS:

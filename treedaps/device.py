@@ -11,7 +11,8 @@
   only contend, README "Timings"), PyTorch's default otherwise; an integer sets it.
 * random numbers: CUDA and CPU use per-particle ``torch.Generator`` objects on the device. XLA has
   no per-device generators, so particles draw on the host (CPU generators) and the draws are
-  copied to the TPU: streams are then identical to a CPU run's.
+  copied to the TPU: streams are then identical to a CPU run's. On XLA an annealing step's draws
+  are made at once and moved in one batched transfer (``to_device_many``; ``Particles.noise_block``).
 * step boundaries: on XLA ``mark_step`` after every MCMC / optimisation iteration (otherwise the
   lazy graph unrolls dozens of decoder passes) and at every annealing step; no-ops elsewhere.
 * timing: ``synchronize`` before reading a clock (CUDA: ``torch.cuda.synchronize``; XLA:
@@ -51,6 +52,13 @@ class Device:
         if self.kind == "cuda":
             return torch.randn(shape, generator=generator, device=self.torch_device)
         return torch.randn(shape, generator=generator).to(self.torch_device)
+
+    def to_device_many(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Host tensors -> device tensors; XLA: one batched transfer (``send_cpu_data_to_device``),
+        each result its own device buffer (no slicing op in the graphs that use them)."""
+        if self.kind == "xla":
+            return list(self._xm.send_cpu_data_to_device(tensors, self.torch_device))
+        return [t.to(self.torch_device) for t in tensors]
 
     # -- boundaries and clocks -----------------------------------------------------------------
     def iteration_boundary(self) -> None:
@@ -120,6 +128,15 @@ class Device:
                 f"benchmark={d['cudnn_benchmark']}, deterministic algorithms="
                 f"{d['deterministic_algorithms']}{' (warn only)' if d['deterministic_warn_only'] else ''}, "
                 f"attention kernels {sdp}, threads={d['threads']}")
+
+
+def init_xla_cache(path: str | None, index: int) -> None:
+    """XLA's persistent compilation cache in ``path/<core index>`` (one folder per process, so that
+    processes never write the same file); before any XLA computation. None: no cache."""
+    if path:
+        _import_xla()                     # "not installed" / "incompatible": one line
+        import torch_xla.runtime as xr  # noqa: PLC0415 - TPU only
+        xr.initialize_cache(os.path.join(str(path), str(index)), readonly=False)
 
 
 def determinism_flags() -> dict:

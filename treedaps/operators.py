@@ -24,7 +24,10 @@ def phase_retrieval(x: torch.Tensor, pad: int) -> torch.Tensor:
     x = F.pad(x * 0.5 + 0.5, (pad, pad, pad, pad))
     spectrum = torch.fft.fftn(torch.fft.ifftshift(x.to(torch.complex64), dim=(-2, -1)),
                               dim=(-2, -1), norm="ortho")
-    return torch.fft.fftshift(spectrum, dim=(-2, -1)).abs()
+    spectrum = torch.fft.fftshift(spectrum, dim=(-2, -1))
+    if spectrum.device.type == "xla":   # torch_xla 2.9: no autograd through abs of a complex tensor
+        return torch.hypot(spectrum.real, spectrum.imag)
+    return spectrum.abs()
 
 
 def measurement_loss(prediction: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,26 @@ class ParticleState:
 
 
 @dataclass
+class NoiseBlock:
+    """Pre-drawn noise: ``draws[k]`` is every particle's k-th draw (B, C, h, w); each call returns
+    the next one. ``select`` keeps the rows of the particles that go on."""
+
+    draws: list[torch.Tensor]
+    used: int = 0
+
+    def __call__(self) -> torch.Tensor:
+        if self.used == len(self.draws):
+            raise RuntimeError(f"noise block exhausted after {self.used} draws")
+        self.used += 1
+        return self.draws[self.used - 1]
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long)
+        self.draws = self.draws[:self.used] + [d.index_select(0, index.to(d.device))
+                                               for d in self.draws[self.used:]]
+
+
+@dataclass
 class Particles:
     z: torch.Tensor                          # (B, C, h, w) current latent z_t
     y: torch.Tensor                          # (B, ...) measurement of each particle's image
@@ -99,6 +119,13 @@ class Particles:
         """One standard-normal draw per particle from its own stream, stacked: (B, C, h, w)."""
         shape = tuple(self.z.shape[1:])
         return torch.stack([device.randn(shape, g) for g in self.generators])
+
+    def noise_block(self, device: Device, count: int) -> "NoiseBlock":
+        """The next ``count`` draws of every particle (XLA): made on the host in the order
+        ``randn_like_z`` would make them, moved in one transfer, handed out by ``NoiseBlock()``."""
+        shape = tuple(self.z.shape[1:])
+        host = [[torch.randn(shape, generator=g) for _ in range(count)] for g in self.generators]
+        return NoiseBlock(device.to_device_many([torch.stack([h[k] for h in host]) for k in range(count)]))
 
     def select(self, indices: list[int] | torch.Tensor) -> "Particles":
         """Keep (or repeat) the particles at ``indices``: every per-particle field is sliced."""

@@ -115,7 +115,7 @@ class Experiment:
             self.run_batch(todo[start:start + batch], show)
             bar.update(len(todo[start:start + batch]))
         bar.close()
-        distributed.barrier(self.rank)
+        distributed.barrier(self.rank, self.run_dir.root, float(self.cfg.dist_timeout_min))
         return self.merge() if self.rank.is_main else None
 
     def batch_size(self, todo: int) -> int:

@@ -87,11 +87,14 @@ def daps_step(model: LatentModel, operator: PhaseRetrieval, particles: Particles
     # 2. MCMC on z0 (+ repulsion between the particles of one measurement while exploring).
     scale = action.repulsion
     extra = hooks.repulsion(particles, scale, sigma) if (scale > 0 and hooks.repulsion) else None
+    block = None                    # XLA: this step's draws in one host-to-device transfer
+    if device.kind == "xla":
+        block = particles.noise_block(device, mcmc.num_steps + (mcmc.algo == "hmc") + bool(sigma_next > 0))
     result: MCMCResult = run_mcmc(
         z0hat, particles.z, sigma.to(particles.z.device),
         lr=mcmc_lr(mcmc.lr, mcmc.lr_min_ratio, mcmc_ratio(step, num_steps)),
         data_gradient=latent_data_gradient(model.decode, operator.loss, particles.y, mcmc.grad_clamp),
-        noise=lambda: particles.randn_like_z(device), cfg=mcmc, device=device, extra_score=extra)
+        noise=block if block is not None else (lambda: particles.randn_like_z(device)), cfg=mcmc, device=device, extra_score=extra)
     z0y = result.z0y
 
     # A particle that stopped being finite is retired; the others go on.
@@ -100,6 +103,8 @@ def daps_step(model: LatentModel, operator: PhaseRetrieval, particles: Particles
     if bool(diverged.any()):
         keep, gone = retire_diverged(particles, z0y, diverged, step)
         retired += gone
+        if block is not None:
+            block.select(keep)
         particles, z0hat, z0y, mcmc_loss = particles.select(keep), z0hat[keep], z0y[keep], mcmc_loss[keep]
         if not len(particles):
             return particles, retired
@@ -113,7 +118,10 @@ def daps_step(model: LatentModel, operator: PhaseRetrieval, particles: Particles
     # 4. Forward diffusion to the next noise level (the last step keeps z0y).
     particles.state.z0y = z0y         # the estimates the pruning at the next step judges
     particles.state.z0hat = z0hat
-    particles.z = z0y + sigma_next * particles.randn_like_z(device) if sigma_next > 0 else z0y
+    if sigma_next > 0:
+        particles.z = z0y + sigma_next * (block() if block is not None else particles.randn_like_z(device))
+    else:
+        particles.z = z0y
     device.step_boundary()
     emit("step_end", dict(step=step, sigma=float(sigma), phase=action.phase,
                           particles=particles, z0hat=z0hat, z0y=z0y, mcmc_loss=mcmc_loss))
