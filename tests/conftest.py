@@ -49,3 +49,19 @@ def make_cfg(save_dir, *overrides: str, name: str = "run"):
 def make_real_cfg(save_dir, *overrides: str, name: str = "run"):
     """The tiny-LDM real-path config (first image only) with ``REAL``."""
     return compose_cfg(*REAL, f"save_dir={save_dir}", f"name={name}", "data.end_id=1", *overrides)
+
+
+def nan_at_denoiser_call(model, call: int = 3, row: int = 1) -> None:
+    """Make the model's ``call``-th denoiser evaluation return NaN for batch ``row`` (with 2 PF-ODE
+    steps per annealing step, call 3 is the first one of step 1): a particle that diverges."""
+    inner, calls = model.denoise, []
+
+    def denoise(z, sigma, **kw):
+        out = inner(z, sigma, **kw)
+        calls.append(1)
+        if len(calls) == call:
+            out = out.clone()
+            out[row] = float("nan")
+        return out
+
+    model.denoise = denoise

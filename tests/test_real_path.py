@@ -25,7 +25,7 @@ from treedaps.report import load
 from treedaps.report.paired import paired
 from treedaps.runner import Experiment
 
-from conftest import IMAGES, REAL, REPO, TINY
+from conftest import IMAGES, REAL, REPO, TINY, nan_at_denoiser_call
 from conftest import make_real_cfg as make_cfg
 
 pytestmark = [
@@ -168,17 +168,7 @@ def test_particle_exhausting_its_budget_is_recorded(tmp_path):
 def test_diverged_particle_on_the_real_network(tmp_path):
     """A non-finite denoiser output for one particle retires it; the others finish."""
     experiment = Experiment(make_cfg(tmp_path, "experiment=exp0", "num_samples=3"))
-    inner, calls = experiment.model.denoise, []
-
-    def denoise(z, sigma, **kw):   # NaN for batch row 1 at the first denoiser call of annealing step 1
-        out = inner(z, sigma, **kw)
-        calls.append(1)
-        if len(calls) == 3:
-            out = out.clone()
-            out[1] = float("nan")
-        return out
-
-    experiment.model.denoise = denoise
+    nan_at_denoiser_call(experiment.model)   # batch row 1 at the first denoiser call of step 1
     merged = experiment.run()
     unit = json.loads((tmp_path / "run" / "units" / "00000.json").read_text())
     rows = {p["id"]: p["status"] for p in unit["particles"]}

@@ -20,7 +20,7 @@ from treedaps.results import ConfigMismatch
 from treedaps.rng import measurement_generator
 from treedaps.runner import Experiment
 
-from conftest import FAST, FIX, REPO, SHARED, make_cfg
+from conftest import FAST, FIX, REPO, SHARED, make_cfg, nan_at_denoiser_call
 
 
 def run(save_dir, *overrides, name="run"):
@@ -152,17 +152,7 @@ def test_several_seeds(tmp_path):
 
 def test_diverged_particle_recorded(tmp_path):
     experiment = Experiment(make_cfg(tmp_path, "data.end_id=1", "num_samples=3"))
-    inner, calls = experiment.model.denoise, []
-
-    def denoise(z, sigma):   # NaN for batch row 1 at the first denoiser call of annealing step 1
-        out = inner(z, sigma)
-        calls.append(1)
-        if len(calls) == 3:
-            out = out.clone()
-            out[1] = float("nan")
-        return out
-
-    experiment.model.denoise = denoise
+    nan_at_denoiser_call(experiment.model)   # batch row 1 at the first denoiser call of step 1
     merged = experiment.run()
     unit = json.loads((tmp_path / "run" / "units" / "00000.json").read_text())
     rows = {p["id"]: p for p in unit["particles"]}
