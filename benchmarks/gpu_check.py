@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sections import print_table, run_sections  # noqa: E402 - benchmarks/sections.py
 from treedaps.device import apply_determinism, select_device  # noqa: E402
 from treedaps.mcmc import MCMCConfig, latent_data_gradient  # noqa: E402
 from treedaps.models.ldm import CompVisLDM, build_ldm  # noqa: E402
@@ -363,21 +363,8 @@ def main() -> int:
                 ("resample", lambda: section_resample(dev, results, args.smoke)),
                 ("demo", lambda: section_demo(dev, results, args.smoke, out)),
                 ("tests", lambda: section_tests(dev, results, args.smoke))]
-    for name, fn in sections:
-        if args.only and name not in args.only:
-            continue
-        t = time.perf_counter()
-        try:
-            rows += fn()
-        except Exception as err:  # noqa: BLE001 - record and go on to the next section
-            results["errors"][name] = traceback.format_exc()
-            rows.append((name, f"FAILED: {type(err).__name__}: {err}"[:200]))
-        results.setdefault("section_s", {})[name] = time.perf_counter() - t
-        (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
-    width = max(len(r[0]) for r in rows)
-    print("\n| check | result |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k.ljust(width)} | {v} |")
+    rows = run_sections(sections, args.only, results, out / "gpu_check.json", rows)
+    print_table(rows, "check")
     return 1 if results["errors"] else 0
 
 

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -43,6 +41,7 @@ from omegaconf import OmegaConf, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sections import print_table, run_sections  # noqa: E402 - benchmarks/sections.py
 from treedaps.config import validate  # noqa: E402
 from treedaps.device import select_device  # noqa: E402
 from treedaps.mcmc import latent_data_gradient  # noqa: E402
@@ -284,22 +283,11 @@ def main() -> int:
     res: dict = {"device": b.dev.describe(), "torch": torch.__version__, "weights_mb": b.weights_mb,
                  "fast": b.fast_precision.describe(), "errors": {}, "section_s": {}}
     rows: list[tuple[str, str]] = [("device", res["device"]["name"])]
-    for name, fn in (("step", section_step), ("image", section_image), ("throughput", section_throughput),
-                     ("accuracy", section_accuracy)):
-        if args.only and name not in args.only:
-            continue
-        t = time.perf_counter()
-        try:
-            rows += fn(b, res)
-        except Exception as err:  # noqa: BLE001 - record and go on to the next section
-            res["errors"][name] = traceback.format_exc()
-            rows.append((name, f"FAILED: {type(err).__name__}: {err}"[:200]))
-        res["section_s"][name] = time.perf_counter() - t
-        (out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
-    width = max(len(r[0]) for r in rows)
-    print("\n| measure | result |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k.ljust(width)} | {v} |")
+    sections = [(name, lambda fn=fn: fn(b, res)) for name, fn in
+                (("step", section_step), ("image", section_image), ("throughput", section_throughput),
+                 ("accuracy", section_accuracy))]
+    rows = run_sections(sections, args.only, res, out / "speed.json", rows)
+    print_table(rows, "measure")
     return 1 if res["errors"] else 0
 
 

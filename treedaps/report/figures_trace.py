@@ -41,11 +41,16 @@ def pairwise_distance(runs: list[dict], folder: Path) -> list[Path]:
             ax.axvline(branch, color=f"C{i}", ls=":", lw=1)
     ax.set_xlabel("annealing step")
     ax.set_ylabel("mean pairwise z0y distance")
+    _legend_or(ax, "no traces")
+    return save(fig, folder, "pairwise_z0y_vs_step")
+
+
+def _legend_or(ax, empty: str) -> None:
+    """The legend, or ``empty`` written across the axes when nothing was drawn."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     else:
-        ax.text(0.5, 0.5, "no traces", ha="center", transform=ax.transAxes)
-    return save(fig, folder, "pairwise_z0y_vs_step")
+        ax.text(0.5, 0.5, empty, ha="center", transform=ax.transAxes)
 
 
 def commit_step_figure(runs: list[dict], folder: Path) -> list[Path]:
@@ -59,10 +64,7 @@ def commit_step_figure(runs: list[dict], folder: Path) -> list[Path]:
             ax.hist(steps, bins=bins, histtype="step", lw=1.5, color=f"C{i}", label=f"{name(r)} ({len(steps)})")
     ax.set_xlabel("commit step (mode label of z0hat final from here on)")
     ax.set_ylabel("final particles")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no traces with mode labels", ha="center", transform=ax.transAxes)
+    _legend_or(ax, "no traces with mode labels")
     return save(fig, folder, "commit_steps")
 
 
