@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
 source benchmarks/device_env.sh
-PYTHONUNBUFFERED=1 timeout 500 python3 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+PYTHONUNBUFFERED=1 timeout "${TIMEOUT:-500}" python3 benchmarks/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"

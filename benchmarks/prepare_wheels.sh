@@ -10,4 +10,7 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
   -c requirements/ci.txt -d .whl hydra-core omegaconf diffusers piq
 # antlr4-python3-runtime 4.9.3 (what omegaconf 2.3 needs) is an sdist only: build a wheel of it.
 python3 -m pip wheel --no-deps -c requirements/ci.txt -w .whl antlr4-python3-runtime
-ls -la .whl
+# The device call carries only the working tree: the fixtures that the parity check reads travel as
+# .shared (git-ignored; device_env.sh links it to ../shared there). Carry [".whl", ".shared"].
+mkdir -p .shared/fixtures && cp -r ../shared/fixtures/daps_ref .shared/fixtures/
+ls -la .whl && du -sh .shared

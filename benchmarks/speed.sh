@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-speed_out}"
 mkdir -p "$OUT"
 source benchmarks/device_env.sh
-PYTHONUNBUFFERED=1 timeout 500 python3 benchmarks/speed.py --out "$OUT" "$@" 2>&1 | tee "$OUT/speed.log"
+PYTHONUNBUFFERED=1 timeout "${TIMEOUT:-500}" python3 benchmarks/speed.py --out "$OUT" "$@" 2>&1 | tee "$OUT/speed.log"

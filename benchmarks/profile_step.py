@@ -1,0 +1,113 @@
+"""Where one MCMC step (decode + phase-retrieval loss + backward, batch 4) spends its GPU time.
+
+    python benchmarks/profile_step.py --out $OUT           on the GPU machine (full-size FFHQ LDM)
+    python benchmarks/profile_step.py --smoke --out /tmp/p  on a CPU, tiny model: checks the script
+
+For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same compiled with a static
+batch, and the same compiled with ``dynamic=True`` as ``compile=true`` does), the median step time
+(CUDA events) and a torch.profiler table of the kernels: time per kernel class (convolution, matrix
+product, normalisation, element-wise, attention, FFT, copies / casts) and the top kernels. The
+answer to "which kernels limit the fast path" of docs/benchmarks.md. Details in <out>/profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from speed import Bench, step_fn  # noqa: E402 - benchmarks/speed.py
+from treedaps.precision import Precision, precision_flags, prepare_model  # noqa: E402
+
+CLASSES = (("attention", ("attention", "fmha", "flash", "softmax")), ("fft", ("fft", "radix", "regular_fft")),
+           ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop", "nhwc", "nchw")),
+           ("matmul", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet")),
+           ("norm", ("norm", "welford")), ("copy/cast", ("copy", "cast", "convert", "to_copy", "transpose")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "elementwise/other"
+
+
+def profile_fn(fn, cuda: bool, steps: int) -> dict:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize() if cuda else None
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
+        if t > 0 and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append((e.key, t / steps / 1000, e.count // steps))
+    rows.sort(key=lambda r: -r[1])
+    by_class: dict[str, float] = {}
+    for name, ms, _ in rows:
+        by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + ms
+    return dict(kernel_ms=sum(r[1] for r in rows), by_class=dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+                top=[dict(name=n[:160], ms=ms, calls=c) for n, ms, c in rows[:15]])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="profile_out")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    b = Bench(args.smoke, compile_=False)
+    cuda = b.dev.kind == "cuda"
+    z, y = b.inputs(4)
+    res: dict = {"device": b.dev.describe()["name"], "torch": torch.__version__, "variants": {}}
+    variants = [("daps", Precision("daps"), None), ("bf16_cl", Precision("bf16", channels_last=True), None),
+                ("bf16_cl_compiled_static", Precision("bf16", channels_last=True), False),
+                ("bf16_cl_compiled_dynamic", Precision("bf16", channels_last=True), True)]
+    repeat, warm = (2, 1) if args.smoke else (20, 5)
+    for name, p, dynamic in variants:
+        if args.only and name not in args.only:
+            continue
+        model = b.model
+        prepare_model(model, p)
+        if dynamic is not None:    # the decoder's wrapped forward, compiled as precision.py does
+            dec = model.first_stage.decoder
+            dec.forward = torch.compile(dec.forward, dynamic=dynamic)
+        try:
+            with precision_flags(p.mode):
+                fn = step_fn(model, b.op, z, y)
+                t = time.perf_counter()
+                fn()
+                b.dev.synchronize()
+                first_s = time.perf_counter() - t
+                ms = b.time_ms(fn, repeat, warm)
+                prof = profile_fn(fn, cuda, 3 if not args.smoke else 1)
+            res["variants"][name] = dict(ms=ms, first_call_s=first_s, **prof)
+        except Exception as err:  # noqa: BLE001 - record, go on
+            res["variants"][name] = dict(error=f"{type(err).__name__}: {err}"[:500])
+        prepare_model(model, Precision("daps"))
+        (out / "profile.json").write_text(json.dumps(res, indent=1))
+        v = res["variants"][name]
+        if "error" in v:
+            print(f"{name}: {v['error']}")
+            continue
+        print(f"\n## {name}: {v['ms']:.1f} ms/step (first call {v['first_call_s']:.1f} s), kernels "
+              f"{v['kernel_ms']:.1f} ms: " + ", ".join(f"{k} {x:.1f}" for k, x in v["by_class"].items()))
+        for r in v["top"][:8]:
+            print(f"  {r['ms']:7.2f} ms x{r['calls']:<4} {r['name'][:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
