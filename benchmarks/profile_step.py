@@ -3,8 +3,8 @@
     python benchmarks/profile_step.py --out $OUT           on the GPU machine (full-size FFHQ LDM)
     python benchmarks/profile_step.py --smoke --out /tmp/p  on a CPU, tiny model: checks the script
 
-For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same compiled with a static
-batch, and the same compiled with ``dynamic=True`` as ``compile=true`` does), the median step time
+For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same with compile=static and
+with compile=dynamic, as treedaps/precision.py prepares them), the median step time
 (CUDA events) and a torch.profiler table of the kernels: time per kernel class (convolution, matrix
 product, normalisation, element-wise, attention, FFT, copies / casts) and the top kernels. The
 answer to "which kernels limit the fast path" of docs/benchmarks.md. Details in <out>/profile.json.
@@ -72,18 +72,16 @@ def main() -> int:
     cuda = b.dev.kind == "cuda"
     z, y = b.inputs(4)
     res: dict = {"device": b.dev.describe()["name"], "torch": torch.__version__, "variants": {}}
-    variants = [("daps", Precision("daps"), None), ("bf16_cl", Precision("bf16", channels_last=True), None),
-                ("bf16_cl_compiled_static", Precision("bf16", channels_last=True), False),
-                ("bf16_cl_compiled_dynamic", Precision("bf16", channels_last=True), True)]
+    variants = [("daps", Precision("daps")), ("bf16_cl", Precision("bf16", channels_last=True)),
+                ("bf16_cl_static", Precision("bf16", compile="static", channels_last=True)),
+                ("bf16_static", Precision("bf16", compile="static")),
+                ("bf16_cl_dynamic", Precision("bf16", compile="dynamic", channels_last=True))]
     repeat, warm = (2, 1) if args.smoke else (20, 5)
-    for name, p, dynamic in variants:
+    for name, p in variants:
         if args.only and name not in args.only:
             continue
         model = b.model
         prepare_model(model, p)
-        if dynamic is not None:    # the decoder's wrapped forward, compiled as precision.py does
-            dec = model.first_stage.decoder
-            dec.forward = torch.compile(dec.forward, dynamic=dynamic)
         try:
             with precision_flags(p.mode):
                 fn = step_fn(model, b.op, z, y)

@@ -180,6 +180,16 @@ def test_decoder_sees_the_batch_shrink(toy):
     assert record[0]["totals"]["wall_s"] == 6.0 and record[0]["totals"]["time_s"] == pytest.approx(6.0)
 
 
+def test_event_time_without_decoder_passes_splits_by_iterations():
+    """ReSample's pixel events count no decoder pass: their time follows the iterations (the H200
+    check read 0 ms per pixel iteration before this)."""
+    rows = [dict(decoder_forward_backward=0, decoder_forward_only=0, iterations=n) for n in (10, 30, 0)]
+    record = {0: dict(particles=rows[:2], totals={}), 1: dict(particles=rows[2:], totals={})}
+    split_event_time(record, 8.0)
+    assert [r["time_s"] for r in rows] == pytest.approx([2.0, 6.0, 0.0])
+    assert record[0]["totals"]["time_s"] == pytest.approx(8.0) and record[1]["totals"]["wall_s"] == 8.0
+
+
 # -- stop rules -----------------------------------------------------------------------------------
 def test_noise_aware_stop_fires_at_the_noise_level(toy):
     op, y, model = toy["op"], toy["y"], toy["model"]

@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from treedaps.device import Device
 from treedaps.mcmc import latent_data_gradient
 from treedaps.operators import PhaseRetrieval
-from treedaps.precision import (MODES, Precision, apply_flags, attention_processors, precision_flags,
-                                prepare_model, read_flags, restore_flags, unwrap_model)
+from treedaps.precision import (MODES, Precision, apply_flags, attention_processors, nearest2x, precision_flags,
+                                prepare_model, read_flags, restore_flags, restore_upsamplers, swap_upsamplers,
+                                unwrap_model)
 from treedaps.throughput import auto_batch_size, images_per_gpu_hour
 
 FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "daps_ref"
@@ -39,7 +40,7 @@ def test_modes_set_and_restore_flags():
             assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == expected[mode]
         assert read_flags() == before
     prev = apply_flags("tf32")
-    assert read_flags() == dict(tf32_matmul=True, tf32_cudnn=True)
+    assert {k: read_flags()[k] for k in ("tf32_matmul", "tf32_cudnn")} == dict(tf32_matmul=True, tf32_cudnn=True)
     restore_flags(prev)
     assert read_flags() == before
 
@@ -47,11 +48,79 @@ def test_modes_set_and_restore_flags():
 def test_bad_settings_refused():
     with pytest.raises(ValueError, match="precision must be one of"):
         Precision("fp16")
-    with pytest.raises(ValueError, match="compile must be true or false"):
+    with pytest.raises(ValueError, match="compile must be true, false, static or dynamic"):
         Precision("daps", compile="yes")
+    assert Precision(compile=True).compile == "static" and Precision(compile=False).compile == "off"
     line = Precision("bf16").startup_line()
     assert "precision: bf16" in line and "autocast bfloat16" in line
     assert Precision("bf16").describe()["autocast"] == "bfloat16" and Precision().describe()["autocast"] is None
+
+
+@pytest.mark.parametrize("batch, compile_, expected", [
+    (1, True, "static"), (2, True, "dynamic"), ("auto", True, "dynamic"), (4, "static", "static"),
+    (1, "dynamic", "dynamic"), (1, False, "off")])
+def test_compile_true_resolves_by_batch_size(batch, compile_, expected):
+    """One measurement per batch meets a few batch sizes (one static graph each); several meet many."""
+    cfg = OmegaConf.create(dict(precision="bf16", compile=compile_, channels_last=False, batch_size=batch))
+    assert Precision.from_config(cfg).compile == expected
+
+
+def test_bf16_mode_lets_math_attention_reduce_in_bf16():
+    if "bf16_math_attention" not in read_flags():
+        pytest.skip("torch < 2.5 has no allow_fp16_bf16_reduction_math_sdp")
+    before = read_flags()
+    for mode in MODES:
+        with precision_flags(mode):
+            assert read_flags()["bf16_math_attention"] is (mode == "bf16")
+    assert read_flags() == before
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nearest2x_is_interpolate_and_its_gradient_a_block_sum(channels_last):
+    x = torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+    out = nearest2x(x)
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last) is channels_last
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ga = torch.autograd.grad((torch.nn.functional.interpolate(xa, scale_factor=2.0, mode="nearest") * g).sum(), xa)[0]
+    gb = torch.autograd.grad((nearest2x(xb) * g).sum(), xb)[0]
+    # the same four numbers summed, perhaps in another order: a few float32 roundings of a sum of 4
+    assert torch.allclose(ga, gb, rtol=0, atol=4 * 2.0 ** -24 * float(g.abs().max()) * 4)
+    assert torch.equal(gb, g.view(3, 5, 7, 2, 6, 2).sum(dim=(3, 5)))
+
+
+@needs_fixtures
+def test_swapped_upsamplers_decode_the_same(tiny):
+    """compile routes the decoder's upsampling through nearest2x: same image, same gradient (to
+    float32 summation order), and unwrapping restores F.interpolate."""
+    model, ref = tiny
+    dec = model.first_stage.decoder
+    op = PhaseRetrieval(2.0, 64, 0.05)
+    y = op.measure(ref["x"], torch.Generator().manual_seed(0))
+    grad = latent_data_gradient(model.decode, op.loss, y, clamp=None)
+    with torch.no_grad():
+        plain = model.decode(ref["z"])
+    g_plain, _ = grad(ref["z"])
+    n = swap_upsamplers(dec)
+    try:
+        assert n == sum(type(m).__name__ == "Upsample2D" for m in dec.modules()) > 0
+        with torch.no_grad():
+            swapped = model.decode(ref["z"])
+        g_swapped, _ = grad(ref["z"])
+    finally:
+        restore_upsamplers(dec)
+    assert torch.equal(plain, swapped)
+    assert float((g_plain - g_swapped).norm() / g_plain.norm()) < 1e-5
+    assert all(m.interpolate and not m._forward_pre_hooks for m in dec.modules() if type(m).__name__ == "Upsample2D")
+    prepare_model(model, Precision("daps", compile="static"))
+    try:
+        assert not any(m.interpolate for m in dec.modules() if type(m).__name__ == "Upsample2D")
+    finally:
+        unwrap_model(model)
+    assert all(m.interpolate for m in dec.modules() if type(m).__name__ == "Upsample2D")
 
 
 def test_batch_size_auto_is_one_on_cpu_and_throughput_formula():
@@ -161,7 +230,7 @@ def test_batch_shrinks_under_the_wrapped_networks(tiny):
 
 @pytest.mark.parametrize("override, message", [
     ("precision=fp16", "precision must be one of"), ("batch_size=0", "must be auto or an integer"),
-    ("batch_size=many", "must be auto or an integer"), ("compile=1", "compile must be true or false")])
+    ("batch_size=many", "must be auto or an integer"), ("compile=1", "compile must be true, false, static or dynamic")])
 def test_config_refuses_bad_values(tmp_path, override, message):
     from conftest import make_cfg  # noqa: PLC0415
     from treedaps.config import ConfigError, validate  # noqa: PLC0415
@@ -203,3 +272,25 @@ def test_bf16_paired_psnr_over_ten_real_images(tmp_path):
     assert res["ci95"][0] <= res["mean_delta_db"] <= res["ci95"][1]
     assert max(abs(d) for d in res["delta_db"]) <= 0.5, res["delta_db"]
     assert res["identical_mode_counts_share"] >= 0.9, res
+
+
+@pytest.mark.slow
+@needs_fixtures
+def test_static_compile_matches_eager_at_each_batch_size(tiny):
+    """compile=static on the CPU (~1-2 min: one graph per batch size): the data gradient of the
+    compiled decoder (nearest2x upsampling, Inductor kernels) equals eager float32 to 1e-4 relative
+    (Inductor reorders float32 sums; measured ~1e-6 here) at 4, 2 and 1 particles."""
+    model, ref = tiny
+    op = PhaseRetrieval(2.0, 64, 0.05)
+    z = torch.cat([ref["z"], ref["z"].flip(0)])                 # 4 particles
+    y = op.measure(ref["x"], torch.Generator().manual_seed(0))
+    y = torch.cat([y, y.flip(0)])
+    eager = {n: latent_data_gradient(model.decode, op.loss, y[:n], clamp=None)(z[:n]) for n in (4, 2, 1)}
+    prepare_model(model, Precision("daps", compile="static"))
+    try:
+        for n in (4, 2, 1):
+            grad, loss = latent_data_gradient(model.decode, op.loss, y[:n], clamp=None)(z[:n])
+            assert float((grad - eager[n][0]).norm() / eager[n][0].norm()) < 1e-4, n
+            assert torch.allclose(loss, eager[n][1], rtol=1e-5), n
+    finally:
+        unwrap_model(model)

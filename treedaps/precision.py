@@ -11,14 +11,25 @@ Modes (config ``precision``):
   VQ nearest-code search, the FFT and loss, and the MCMC state stay float32: the quantizer runs
   outside autocast on a float32 input (``CompVisLDM.decode``), and each network's output is cast
   back to float32 before anything else touches it. Matmul TF32 stays off so that the code search
-  (a matmul) picks exactly the codes of ``daps``.
+  (a matmul) picks exactly the codes of ``daps``. The math attention kernel may reduce in bf16
+  (``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp``, torch >= 2.5): the decoder's
+  attention has one head of width 512, which flash attention does not take, so SDPA runs its math
+  kernel, and by default that upcasts bf16 inputs to float32 matrix products without TF32 (measured
+  on an H200: 6 such products, 8 of the 48 ms of a compiled bf16 MCMC step; docs/benchmarks.md).
 
 On the CPU the TF32 flags are no-ops and bf16 autocast works (slowly), so every mode runs in tests.
 
-``compile=true`` wraps each network's ``forward`` in ``torch.compile(dynamic=True)``: one graph
-serves every batch size, so pruning (4 -> 2 particles), optimisation active sets and the last
-short batch do not recompile (batch size 1 is specialised by dynamo: at most one more graph per
-network). The wrapper replaces ``module.forward`` only, so forward hooks (telemetry's compute
+``compile`` wraps each network's ``forward`` in ``torch.compile``: ``static`` compiles one graph
+per batch size (pruning 4 -> 2, each optimisation active-set size: a few graphs per run, each
+compiled once per process; the fastest kernels: the H200 MCMC step took 48 ms static against 53 ms
+dynamic, whose group norms cannot specialise), ``dynamic`` one graph for every batch size (for
+``batch_size`` > 1, where active sets take many sizes). ``compile=true`` in the config picks
+``static`` for one measurement per batch and ``dynamic`` otherwise. Under compile the decoder's
+nearest-neighbour 2x upsampling is written as a broadcast (``nearest2x``): Inductor turns the
+backward of ``F.interpolate(mode="nearest")`` into an index_put with accumulation, 17 of the 48 ms
+of the compiled step on an H200; the broadcast's backward is a plain sum of each 2 x 2 block. The
+forward values are the same copies; the gradient sums the same four numbers, possibly in another
+order. The wrapper replaces ``module.forward`` only, so forward hooks (telemetry's compute
 counters) still run eagerly around it. ``channels_last`` stores the networks' weights and their
 inputs in NHWC, what cuDNN's tensor-core convolutions prefer. Attention: the decoder's mid block
 and the UNet's attention layers are diffusers ``Attention`` modules with ``AttnProcessor2_0``,
@@ -35,6 +46,7 @@ import torch
 from torch import nn
 
 MODES = ("fp32", "daps", "tf32", "bf16")
+COMPILE = ("off", "static", "dynamic")
 # (matmul TF32, cuDNN TF32) per mode
 TF32 = {"fp32": (False, False), "daps": (False, True), "tf32": (True, True), "bf16": (False, True)}
 _EAGER = "_treedaps_eager_forward"
@@ -45,19 +57,26 @@ class Precision:
     """What the config says: ``precision``, ``compile``, ``channels_last``."""
 
     mode: str = "daps"
-    compile: bool = False
+    compile: str = "off"        # off | static | dynamic (True = static, False = off)
     channels_last: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"precision must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for key in ("compile", "channels_last"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if isinstance(self.compile, bool):
+            object.__setattr__(self, "compile", "static" if self.compile else "off")
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile must be true, false, static or dynamic, got {self.compile!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last must be true or false, got {self.channels_last!r}")
 
     @classmethod
     def from_config(cls, cfg) -> "Precision":
-        return cls(str(cfg.get("precision", "daps")), cfg.get("compile", False), cfg.get("channels_last", False))
+        """``compile=true`` resolves to ``static`` for one measurement per batch, else ``dynamic``."""
+        compile_ = cfg.get("compile", False)
+        if compile_ is True:
+            compile_ = "static" if cfg.get("batch_size", 1) == 1 else "dynamic"
+        return cls(str(cfg.get("precision", "daps")), compile_, cfg.get("channels_last", False))
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -71,27 +90,38 @@ class Precision:
     def startup_line(self) -> str:
         d = self.describe()
         return (f"precision: {self.mode} (tf32 matmul={d['tf32_matmul']} cudnn={d['tf32_cudnn']}, autocast "
-                f"{d['autocast'] or 'off'} for decoder and denoiser), compile={self.compile} (dynamic batch), "
+                f"{d['autocast'] or 'off'} for decoder and denoiser), compile={self.compile}, "
                 f"channels_last={self.channels_last}")
 
 
 # -- global flags --------------------------------------------------------------------------------
+_HAS_SDP_REDUCTION = hasattr(torch.backends.cuda, "allow_fp16_bf16_reduction_math_sdp")   # torch >= 2.5
+
+
 def read_flags() -> dict:
-    return dict(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    flags = dict(tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    if _HAS_SDP_REDUCTION:
+        flags["bf16_math_attention"] = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    return flags
 
 
 def apply_flags(mode: str) -> dict:
-    """Set the TF32 flags of ``mode``; returns the previous flags (for ``restore_flags``)."""
+    """Set the flags of ``mode`` (TF32; bf16 math attention for ``bf16``); returns the previous
+    flags (for ``restore_flags``)."""
     if mode not in MODES:
         raise ValueError(f"precision must be one of {', '.join(MODES)}, got {mode!r}")
     before = read_flags()
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = TF32[mode]
+    if _HAS_SDP_REDUCTION:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(mode == "bf16")
     return before
 
 
 def restore_flags(flags: dict) -> None:
     torch.backends.cuda.matmul.allow_tf32 = flags["tf32_matmul"]
     torch.backends.cudnn.allow_tf32 = flags["tf32_cudnn"]
+    if _HAS_SDP_REDUCTION and "bf16_math_attention" in flags:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(flags["bf16_math_attention"])
 
 
 @contextlib.contextmanager
@@ -129,9 +159,51 @@ def _wrapped_forward(forward, dtype: torch.dtype | None, channels_last: bool):
     return run
 
 
+def nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")`` as a broadcast (same values, bit for bit):
+    its backward is a sum over each 2 x 2 block, not an index_put (see the module docstring)."""
+    b, c, h, w = x.shape
+    out = x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _nearest2x_hook(module, args):
+    return (nearest2x(args[0]), *args[1:])
+
+
+def _swappable_upsamplers(network: nn.Module) -> list[nn.Module]:
+    """The diffusers ``Upsample2D`` layers that interpolate 2x by nearest neighbour and nothing else
+    before their convolution (no norm, no transposed convolution)."""
+    return [m for m in network.modules() if type(m).__name__ == "Upsample2D" and getattr(m, "interpolate", False)
+            and getattr(m, "norm", None) is None and not getattr(m, "use_conv_transpose", True)]
+
+
+_UPSAMPLE_HOOK = "_treedaps_nearest2x_hook"
+
+
+def swap_upsamplers(network: nn.Module) -> int:
+    """Route the nearest 2x upsampling of ``network`` through ``nearest2x``; returns how many."""
+    layers = _swappable_upsamplers(network)
+    for m in layers:
+        m.interpolate = False
+        vars(m)[_UPSAMPLE_HOOK] = m.register_forward_pre_hook(_nearest2x_hook)
+    return len(layers)
+
+
+def restore_upsamplers(network: nn.Module) -> None:
+    for m in network.modules():
+        handle = vars(m).pop(_UPSAMPLE_HOOK, None)
+        if handle is not None:
+            handle.remove()
+            m.interpolate = True
+
+
 def unwrap_model(model: nn.Module) -> None:
-    """Undo ``prepare_model`` (eager forwards, contiguous weights)."""
+    """Undo ``prepare_model`` (eager forwards, contiguous weights, F.interpolate upsampling)."""
     for module in model.hookable_modules().values():
+        restore_upsamplers(module)
         if _EAGER in vars(module):
             own = vars(module).pop(_EAGER)       # an instance-level forward there was before, or None
             del module.forward
@@ -147,18 +219,31 @@ def prepare_model(model: nn.Module, precision: Precision) -> nn.Module:
     the straight-through form) stays float32. Calling it again first undoes the previous wrapping.
     """
     unwrap_model(model)
-    if precision.autocast_dtype is None and not precision.compile and not precision.channels_last:
+    if precision.autocast_dtype is None and precision.compile == "off" and not precision.channels_last:
         return model
+    if precision.compile == "static":   # one graph per batch size: room for every size a run meets
+        _raise_recompile_limit(RECOMPILE_LIMIT)
     for module in model.hookable_modules().values():
         eager = module.forward
         if precision.channels_last:
             module.to(memory_format=torch.channels_last)
         fwd = _wrapped_forward(eager, precision.autocast_dtype, precision.channels_last)
-        if precision.compile:
-            fwd = torch.compile(fwd, dynamic=True)
+        if precision.compile != "off":
+            swap_upsamplers(module)
+            fwd = torch.compile(fwd, dynamic=precision.compile == "dynamic")
         vars(module)[_EAGER] = vars(module).get("forward")
         module.forward = fwd
     return model
+
+
+RECOMPILE_LIMIT = 32
+
+
+def _raise_recompile_limit(n: int) -> None:
+    """Let dynamo keep ``n`` graphs per function (default 8; past it, it silently runs eagerly)."""
+    cfg = torch._dynamo.config
+    key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, key, max(getattr(cfg, key), n))
 
 
 def attention_processors(model: nn.Module) -> dict[str, int]:

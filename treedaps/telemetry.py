@@ -214,11 +214,14 @@ class Telemetry:
 def split_event_time(record: dict, seconds: float) -> None:
     """Time of one optimisation event into its record: per particle, ``time_s`` = the event's time x
     its share of the event's decoder evaluations (each evaluation is one particle's decoder pass,
-    so the shares follow the work; a particle that did not run gets 0); per measurement,
+    so the shares follow the work; a particle that did not run gets 0; an event without decoder
+    passes, ReSample's pixel-space optimisation, splits by iterations instead); per measurement,
     ``totals.time_s`` = the sum over its particles, and ``wall_s`` = ``iteration_s`` = the whole
     event's time (shared by every measurement of the batch). The optimiser itself reads no clock."""
     rows = [row for rec in record.values() for row in rec["particles"]]
     evals = [row["decoder_forward_backward"] + row["decoder_forward_only"] for row in rows]
+    if not sum(evals):
+        evals = [row.get("iterations", 0) for row in rows]
     total = sum(evals)
     for row, n in zip(rows, evals):
         row["time_s"] = seconds * n / total if total else 0.0
