@@ -81,12 +81,31 @@ def test_old_spelling_of_the_same_config_is_no_mismatch(tmp_path):
     assert experiment(tmp_path).units() == []
 
 
+def test_folder_of_the_old_config_layout_resumes(tmp_path):
+    """A folder written before the search: block (top-level repulsion: / pruning: / optimization:,
+    issue 9) with the same values still resumes; a changed value there is still a mismatch."""
+    experiment(tmp_path).run()
+    path = tmp_path / "run" / "config.yaml"
+    record = yaml.safe_load(path.read_text())
+    config = record["config"]
+    search = config.pop("search")
+    for part, switch in (("repulsion", "scale"), ("pruning", "step"), ("optimization", "step")):
+        config[part] = {k: v for k, v in search[part].items() if k != switch}
+    record["config_hash"] = "0123456789abcdef"
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    assert experiment(tmp_path).units() == []
+    config["pruning"]["num_keep"] = 3
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    with pytest.raises(ConfigMismatch, match=r"search.pruning.num_keep \(3 -> 2\)"):
+        experiment(tmp_path)
+
+
 # -- 2. non-finite numbers are refused, naming the key ---------------------------------------------------------
 
 NON_FINITE = ["repulsion_scale=nan", "pruning_step=nan", "optimization_step=inf", "branch_timestep=nan",
               "task.ldm.mcmc_sampler_config.lr=nan", "task.ldm.mcmc_sampler_config.tau=-inf",
               "sampler.annealing_scheduler_config.sigma_max=inf", "modes.margin=nan",
-              "pruning.loss_factor=nan", "optimization.lr=nan", "repulsion.bandwidth=nan"]
+              "search.pruning.loss_factor=nan", "search.optimization.lr=nan", "search.repulsion.bandwidth=nan"]
 
 
 @pytest.mark.parametrize("override", NON_FINITE)
@@ -327,6 +346,6 @@ def test_timestep_hint_only_where_valid(tmp_path):
     with pytest.raises(ValueError, match="or -1 to switch it off$"):
         Experiment(make_cfg(tmp_path / "out", "num_samples=4", "pruning_step=999"))
     with pytest.raises(ValueError, match="or repulsion_scale=0 to switch it off$"):
-        Experiment(make_cfg(tmp_path / "out", "repulsion_scale=1", "repulsion.end_timestep=999"))
+        Experiment(make_cfg(tmp_path / "out", "repulsion_scale=1", "search.repulsion.end_timestep=999"))
     with pytest.raises(ValueError, match="in that range$"):
         resolve_timestep(999, annealing_sigmas(50), DapsVP(), what="branch_timestep")

@@ -205,9 +205,23 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def nested_search(config: dict) -> dict:
+    """A config written before the ``search:`` block (issue 9: top-level ``repulsion:``,
+    ``pruning:``, ``optimization:``) in today's layout, so that such a folder still resumes."""
+    if "search" in config or not {"repulsion", "pruning", "optimization"} <= set(config):
+        return config
+    out = {k: v for k, v in config.items() if k not in ("repulsion", "pruning", "optimization")}
+    out["search"] = dict(branch_timestep=config.get("branch_timestep"),
+                         repulsion=dict(scale=config.get("repulsion_scale"), **config["repulsion"]),
+                         pruning=dict(step=config.get("pruning_step"), **config["pruning"]),
+                         optimization=dict(step=config.get("optimization_step"), **config["optimization"]))
+    return out
+
+
 def config_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, old value, new value) of every hashed key whose canonical value differs."""
-    a, b = hashed_values(old), hashed_values(new)
+    """(key, old value, new value) of every hashed key whose canonical value differs (an old
+    layout of the same values is no difference: ``nested_search``)."""
+    a, b = hashed_values(nested_search(old)), hashed_values(new)
     absent = "<absent>"
     same = lambda k: json.dumps(a.get(k, absent)) == json.dumps(b.get(k, absent))  # noqa: E731 - True != 1
     return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b)) if not same(k)]
