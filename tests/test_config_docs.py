@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from conftest import REPO, compose_cfg
 from treedaps.baselines.settings import ResampleConfig
 from treedaps.config import SCHEMA, ConfigError, validate
+from treedaps.hashing import HASH_EXCLUDED
 from treedaps.search.consistency import OptimizationConfig
 from treedaps.search.pruning import PruningConfig
 from treedaps.search.settings import FLAGS, RepulsionConfig
@@ -91,6 +92,7 @@ def test_search_block_copies_the_flat_flags():
         parent, leaf = f"search.{path}".rsplit(".", 1)
         assert OmegaConf.is_interpolation(OmegaConf.select(cfg, parent), leaf), path
         assert OmegaConf.select(cfg, parent)._get_node(leaf)._value() == f"${{{flag}}}", path
+    assert {f"search.{path}" for path in FLAGS} <= set(HASH_EXCLUDED)     # hashed once, as the flags
     moved = compose_cfg("repulsion_scale=0.3", "pruning_step=150", "optimization_step=100", "branch_timestep=300")
     assert [OmegaConf.select(moved, f"search.{p}") for p in FLAGS] == [300, 0.3, 150, 100]
 

@@ -23,7 +23,8 @@ from PIL import Image
 from treedaps import results
 from treedaps.config import ConfigError
 from treedaps.noise_levels import DapsVP
-from treedaps.results import ConfigMismatch, RunDir, config_diff, config_hash, particle_label
+from treedaps.hashing import config_diff, config_hash
+from treedaps.results import ConfigMismatch, RunDir, particle_label
 from treedaps.runlock import RunLocked
 from treedaps.runner import Experiment
 from treedaps.schedules import annealing_sigmas, resolve_timestep
@@ -83,18 +84,21 @@ def test_old_spelling_of_the_same_config_is_no_mismatch(tmp_path):
 
 def test_folder_of_the_old_config_layout_resumes(tmp_path):
     """A folder written before the search: block (top-level repulsion: / pruning: / optimization:,
-    issue 9) with the same values still resumes; a changed value there is still a mismatch."""
-    experiment(tmp_path).run()
+    issue 9) has the same hash as today's layout of the same values, so it resumes and its units
+    merge; a changed value there is still a mismatch, named with today's key."""
+    merged = experiment(tmp_path).run()
     path = tmp_path / "run" / "config.yaml"
     record = yaml.safe_load(path.read_text())
     config = record["config"]
     search = config.pop("search")
     for part, switch in (("repulsion", "scale"), ("pruning", "step"), ("optimization", "step")):
         config[part] = {k: v for k, v in search[part].items() if k != switch}
-    record["config_hash"] = "0123456789abcdef"
+    assert config_hash(config) == record["config_hash"] == merged["metadata"]["config_hash"]
     path.write_text(yaml.safe_dump(record, sort_keys=False))
-    assert experiment(tmp_path).units() == []
+    again = experiment(tmp_path)
+    assert again.units() == [] and again.run()["metadata"]["config_hash"] == record["config_hash"]
     config["pruning"]["num_keep"] = 3
+    record["config_hash"] = config_hash(config)
     path.write_text(yaml.safe_dump(record, sort_keys=False))
     with pytest.raises(ConfigMismatch, match=r"search.pruning.num_keep \(3 -> 2\)"):
         experiment(tmp_path)
