@@ -65,7 +65,8 @@ class Experiment:
         self.hooks: SearchHooks = build_search(self.settings.search, self.model, self.settings.operator,
                                                self.settings.mcmc.tau, self.device)
         self.plan: ResolvedPlan = build_plan(self.settings, self.model)
-        self.baseline = build_baseline(self.settings.algorithm, self.settings.resample, self.model)  # None: LatentDAPS
+        # None: LatentDAPS (``sample``)
+        self.baseline = build_baseline(self.settings.algorithm, self.settings.resample, self.model)
         if self.baseline is not None:
             self.plan = ResolvedPlan(plan=self.baseline.plan, sigmas=torch.zeros(0))
         if self.rank.is_main:
