@@ -145,7 +145,8 @@ def run_or_explain(experiment) -> dict | None:
 
 def _precheck(argv: list[str]) -> None:
     """Compose the config once before Hydra runs, so that an override Hydra itself rejects (an
-    unknown group option, a key without '+') ends with one ``error:`` line and exit code 2 too.
+    unknown group option, a key without '+') ends with one ``error:`` line and exit code 2 too; a
+    key of an old top-level search block (``pruning.num_keep=3``) is named with its new place.
     Hydra's own flags (``--help``, ``--cfg``, ``-m``...) are left to Hydra."""
     if any(a.startswith("-") for a in argv):
         return
@@ -157,7 +158,9 @@ def _precheck(argv: list[str]) -> None:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             compose(config_name="default", overrides=argv)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        from treedaps.config import moved_key, moved_message  # noqa: PLC0415 - only on this error
+        moved = [a.split("=", 1)[0] for a in argv if moved_key(a.split("=", 1)[0])]
+        print(f"error: {moved_message(moved[0]) if moved else ' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
 
 

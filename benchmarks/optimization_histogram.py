@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--preset", default="resample")
     args = ap.parse_args()
-    overrides = ["experiment=exp4", f"optimization.preset={args.preset}", f"name=exp4_{args.preset}",
+    overrides = ["experiment=exp4", f"search.optimization.preset={args.preset}", f"name=exp4_{args.preset}",
                  f"save_dir={args.out}", f"data.end_id={args.n}", "progress=false", "eval_fn_list=[psnr,ssim]",
                  "telemetry.pairwise_matrices=false"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

@@ -166,7 +166,7 @@ def experiment(name: str, smoke: bool):
     over = [f"experiment={name}", "model=ffhq256ldm", "data=test-ffhq"]
     if smoke:
         over += ["sampler.annealing_scheduler_config.num_steps=8", "task.ldm.mcmc_sampler_config.num_steps=3",
-                 "task.ldm_hmc.mcmc_sampler_config.num_steps=3", "optimization.max_iters=4"]
+                 "task.ldm_hmc.mcmc_sampler_config.num_steps=3", "search.optimization.max_iters=4"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose(config_name="default", overrides=over)
 

@@ -30,7 +30,7 @@ FAST = ["sampler.annealing_scheduler_config.num_steps=3", "task.ldm.mcmc_sampler
 REAL = ["model=tiny_ldm", "data=demo-ffhq", "data.resolution=64",
         "sampler.annealing_scheduler_config.num_steps=8",
         "task.ldm.mcmc_sampler_config.num_steps=3", "task.ldm_hmc.mcmc_sampler_config.num_steps=3",
-        "optimization.max_iters=4", "optimization.plateau_window=2",
+        "search.optimization.max_iters=4", "search.optimization.plateau_window=2",
         "resample.num_steps=10", "resample.interval=2", "resample.latent_max_iters=4", "resample.pixel_max_iters=4",
         "resample.plateau_window=2", "telemetry.prior_score=false",
         "eval_fn_list=[psnr,ssim]", "progress=false", "save_samples=false"]

@@ -269,7 +269,7 @@ def test_optimization_steps_per_preset():
 
 def test_config_errors():
     get_preset = OptimizationConfig.from_preset
-    with pytest.raises(ValueError, match="unknown optimization key"):
+    with pytest.raises(ValueError, match="unknown search.optimization key"):
         OptimizationConfig.from_mapping({"preset": "cost_aware", "learning_rate": 1.0})
     with pytest.raises(ValueError, match="preset"):
         OptimizationConfig.from_mapping({"preset": "strong"})

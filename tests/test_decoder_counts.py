@@ -9,8 +9,8 @@ from treedaps.runner import Experiment
 
 
 def test_per_particle_decoder_counts_sum_to_telemetrys_totals(tmp_path):
-    cfg = make_cfg(tmp_path, "experiment=exp4", "data.end_id=1", "optimization.max_iters=5",
-                   "optimization.plateau_window=2", "save_samples=false", "save_grids=false",
+    cfg = make_cfg(tmp_path, "experiment=exp4", "data.end_id=1", "search.optimization.max_iters=5",
+                   "search.optimization.plateau_window=2", "save_samples=false", "save_grids=false",
                    "eval_fn_list=[psnr]", "telemetry.prior_score=false")
     Experiment(cfg).run()
     unit = json.loads((tmp_path / "run" / "units" / "00000.json").read_text())

@@ -23,7 +23,8 @@ from PIL import Image
 from treedaps import results
 from treedaps.config import ConfigError
 from treedaps.noise_levels import DapsVP
-from treedaps.results import ConfigMismatch, RunDir, config_diff, config_hash, particle_label
+from treedaps.hashing import config_diff, config_hash
+from treedaps.results import ConfigMismatch, RunDir, particle_label
 from treedaps.runlock import RunLocked
 from treedaps.runner import Experiment
 from treedaps.schedules import annealing_sigmas, resolve_timestep
@@ -81,12 +82,34 @@ def test_old_spelling_of_the_same_config_is_no_mismatch(tmp_path):
     assert experiment(tmp_path).units() == []
 
 
+def test_folder_of_the_old_config_layout_resumes(tmp_path):
+    """A folder written before the search: block (top-level repulsion: / pruning: / optimization:,
+    issue 9) has the same hash as today's layout of the same values, so it resumes and its units
+    merge; a changed value there is still a mismatch, named with today's key."""
+    merged = experiment(tmp_path).run()
+    path = tmp_path / "run" / "config.yaml"
+    record = yaml.safe_load(path.read_text())
+    config = record["config"]
+    search = config.pop("search")
+    for part, switch in (("repulsion", "scale"), ("pruning", "step"), ("optimization", "step")):
+        config[part] = {k: v for k, v in search[part].items() if k != switch}
+    assert config_hash(config) == record["config_hash"] == merged["metadata"]["config_hash"]
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    again = experiment(tmp_path)
+    assert again.units() == [] and again.run()["metadata"]["config_hash"] == record["config_hash"]
+    config["pruning"]["num_keep"] = 3
+    record["config_hash"] = config_hash(config)
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    with pytest.raises(ConfigMismatch, match=r"search.pruning.num_keep \(3 -> 2\)"):
+        experiment(tmp_path)
+
+
 # -- 2. non-finite numbers are refused, naming the key ---------------------------------------------------------
 
 NON_FINITE = ["repulsion_scale=nan", "pruning_step=nan", "optimization_step=inf", "branch_timestep=nan",
               "task.ldm.mcmc_sampler_config.lr=nan", "task.ldm.mcmc_sampler_config.tau=-inf",
               "sampler.annealing_scheduler_config.sigma_max=inf", "modes.margin=nan",
-              "pruning.loss_factor=nan", "optimization.lr=nan", "repulsion.bandwidth=nan"]
+              "search.pruning.loss_factor=nan", "search.optimization.lr=nan", "search.repulsion.bandwidth=nan"]
 
 
 @pytest.mark.parametrize("override", NON_FINITE)
@@ -327,6 +350,6 @@ def test_timestep_hint_only_where_valid(tmp_path):
     with pytest.raises(ValueError, match="or -1 to switch it off$"):
         Experiment(make_cfg(tmp_path / "out", "num_samples=4", "pruning_step=999"))
     with pytest.raises(ValueError, match="or repulsion_scale=0 to switch it off$"):
-        Experiment(make_cfg(tmp_path / "out", "repulsion_scale=1", "repulsion.end_timestep=999"))
+        Experiment(make_cfg(tmp_path / "out", "repulsion_scale=1", "search.repulsion.end_timestep=999"))
     with pytest.raises(ValueError, match="in that range$"):
         resolve_timestep(999, annealing_sigmas(50), DapsVP(), what="branch_timestep")

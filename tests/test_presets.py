@@ -67,13 +67,18 @@ def test_script_runs_its_preset_and_the_preset_file_decides(script, flags):
 
 
 def test_an_edited_preset_changes_the_composed_run(tmp_path):
-    """The check above is not vacuous: a copy of configs/ with exp2's pruning_step edited composes it."""
+    """The check above is not vacuous: a copy of configs/ with exp2's pruning_step and its nested
+    search.pruning.num_keep edited composes both."""
     from hydra import compose, initialize_config_dir
     import shutil
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     path = tmp_path / "configs" / "experiment" / "exp2.yaml"
     original = OmegaConf.select(OmegaConf.load(path), "pruning_step")
-    path.write_text(path.read_text().replace(f"pruning_step: {original}", "pruning_step: 123"))
+    path.write_text(path.read_text().replace(f"pruning_step: {original}", "pruning_step: 123")
+                    .replace("    num_keep: 2", "    num_keep: 3"))
     with initialize_config_dir(config_dir=str(tmp_path / "configs"), version_base="1.3"):
         edited = compose(config_name="default", overrides=["experiment=exp2"])
-    assert edited.pruning_step == 123 != compose_cfg("experiment=exp2").pruning_step == original
+    before = compose_cfg("experiment=exp2")
+    assert edited.pruning_step == 123 != before.pruning_step == original
+    assert edited.search.pruning.step == 123                    # the search block's copy follows
+    assert edited.search.pruning.num_keep == 3 != before.search.pruning.num_keep == 2

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from treedaps.record import without_volatile
 from treedaps.report import load
 from treedaps.report.paired import paired
 from treedaps.runner import Experiment
@@ -42,7 +43,7 @@ RUNS = [
     ("exp1_repulsion.sh", ["--1"], "exp1_repulsion_demo-ffhq_n1"),
     ("exp2_pruning.sh", ["--1"], "exp2_pruning_demo-ffhq_n1"),
     ("exp3_2particle.sh", ["--10", "data.end_id=2"], "exp3_2particle_demo-ffhq_n10"),
-    *[("exp4_optimization.sh", ["--1", f"optimization.preset={p}", f"name=exp4_{p}"], f"exp4_{p}")
+    *[("exp4_optimization.sh", ["--1", f"search.optimization.preset={p}", f"name=exp4_{p}"], f"exp4_{p}")
       for p in ("resample", "cost_aware", "dense", "weak")],
     ("resample_baseline.sh", ["--1"], "resample_baseline_demo-ffhq_n1"),
 ]
@@ -151,9 +152,10 @@ def test_particle_exhausting_its_budget_is_recorded(tmp_path):
     """cost_aware events at steps 5, 6, 7 with a 6-iteration budget (1 kept for the final pass): the
     first event spends 5, the midpoint is skipped for budget, the final pass gets 1. The merge and
     the report must carry the skipped event (its loss_before is None) without crashing."""
-    merged = Experiment(make_cfg(tmp_path, "experiment=exp4", "optimization.preset=cost_aware",
-                                 "optimization.budget=6", "optimization.max_iters=5", "optimization.final_reserve=1",
-                                 "optimization.plateau_window=0", "optimization.noise_aware=false")).run()
+    opt = "search.optimization"
+    merged = Experiment(make_cfg(tmp_path, "experiment=exp4", f"{opt}.preset=cost_aware", f"{opt}.budget=6",
+                                 f"{opt}.max_iters=5", f"{opt}.final_reserve=1", f"{opt}.plateau_window=0",
+                                 f"{opt}.noise_aware=false")).run()
     unit = json.loads((tmp_path / "run" / "units" / "00000.json").read_text())
     events = {e["step"]: e for e in unit["events"] if e["event"] == "optimize"}
     assert sorted(events) == [5, 6, 7]
@@ -177,24 +179,14 @@ def test_diverged_particle_on_the_real_network(tmp_path):
                                        reason="non-finite latent in PF-ODE or MCMC")]
 
 
-def _numbers(obj):
-    """metrics.json / unit records without what may differ between identical runs (time, memory, dates)."""
-    volatile = ("time", "timing", "written", "host", "_s", "peak", "vram", "git_revision")
-    if isinstance(obj, dict):
-        return {k: _numbers(v) for k, v in obj.items() if not any(x in k for x in volatile)}
-    if isinstance(obj, list):
-        return [_numbers(v) for v in obj]
-    return obj
-
-
 def test_same_command_twice_gives_identical_numbers(tmp_path):
-    args = ("experiment=exp4", "optimization.max_iters=3")
+    args = ("experiment=exp4", "search.optimization.max_iters=3")
     a = Experiment(make_cfg(tmp_path, *args, name="a")).run()
     b = Experiment(make_cfg(tmp_path, *args, name="b")).run()
-    assert _numbers(a)["psnr"] == _numbers(b)["psnr"]
+    assert without_volatile(a)["psnr"] == without_volatile(b)["psnr"]
     ua = json.loads((tmp_path / "a" / "units" / "00000.json").read_text())
     ub = json.loads((tmp_path / "b" / "units" / "00000.json").read_text())
-    assert _numbers(ua) == _numbers(ub)
+    assert without_volatile(ua) == without_volatile(ub)
     ta = torch.load(tmp_path / "a" / "units" / "00000.pt", weights_only=True)
     tb = torch.load(tmp_path / "b" / "units" / "00000.pt", weights_only=True)
     assert torch.equal(ta["latents"], tb["latents"])

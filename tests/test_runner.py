@@ -174,7 +174,12 @@ BAD = [
     (["data.start_id=3", "data.end_id=3"], ValueError, "empty"),
     (["data.end_id=100"], ValueError, "48 ground truths"),
     (["+foo=1"], ConfigError, "unknown config key 'foo'"),
-    (["+repulsion.foo=1"], ConfigError, "unknown config key 'repulsion.foo'"),
+    (["+search.repulsion.foo=1"], ConfigError, "unknown config key 'search.repulsion.foo'"),
+    (["+pruning.num_keep=3"], ConfigError, "'pruning.num_keep' is now 'search.pruning.num_keep'"),
+    (["search.pruning.step=200"], ConfigError, "search.pruning.step=200 differs from pruning_step=-1: set pruning_"),
+    (["resample.num_steps=7"], ConfigError, "resample: num_steps must divide 1000"),    # whatever the algorithm
+    (["+resample.gama=4"], ConfigError, "unknown config key 'resample.gama'"),
+    (["algorithm=resampl"], ConfigError, "algorithm must be one of latent_daps, resample"),
     (["num_samples=0"], ConfigError, "num_samples must be an integer >= 1"),
     (["num_runs=4"], ConfigError, "use num_samples=4"),
     (["branch_timestep=999"], ValueError, "branch_timestep=999 is outside the timesteps"),
@@ -303,7 +308,7 @@ def test_end_to_end_with_the_tiny_ldm(tmp_path):
         pytest.skip("tiny LDM fixture or demo images absent")
     cfg = make_cfg(tmp_path / "out", "data=demo-ffhq", f"data.root={SHARED / 'data' / 'demo-ffhq'}",
                    "data.resolution=64", "data.end_id=1", "experiment=exp4",
-                   "sampler.annealing_scheduler_config.num_steps=6", "optimization.max_iters=5")
+                   "sampler.annealing_scheduler_config.num_steps=6", "search.optimization.max_iters=5")
     tiny = OmegaConf.load(FIX / "tiny_ffhq_ldm.yaml")
     tiny.diffusion_path = str(FIX / "tiny_ffhq_ldm.ckpt")
     tiny.sigma_mapping = "daps"
@@ -315,3 +320,14 @@ def test_end_to_end_with_the_tiny_ldm(tmp_path):
     assert [e["event"] for e in unit["events"]][0] == "prune" and "optimize" in [e["event"] for e in unit["events"]]
     assert merged["compute"]["total"]["denoiser"]["particle_evals"] > 0
     assert all(math.isfinite(v) for v in merged["psnr"]["sample"][0])
+
+
+def test_cli_old_search_key_names_its_new_place(tmp_path):
+    """The search knobs moved into the search: block (issue 9): Hydra's "not in struct" becomes
+    one line naming the new key."""
+    res = _cli(f"save_dir={tmp_path}", "name=x", "pruning.num_keep=3", *FAST)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["error: 'pruning.num_keep' is now 'search.pruning.num_keep': the search knobs are nested "
+                     "in the search: block, mirroring treedaps/search/ (docs/config.md)"]
+    assert not (tmp_path / "x").exists()

@@ -229,7 +229,7 @@ def test_pruned_particles_are_recorded_up_to_their_step(tmp_path):
 
     from treedaps.runner import Experiment
 
-    cfg = compose_cfg(tmp_path, "experiment=exp2", "data.end_id=1", "pruning.loss_factor=100")
+    cfg = compose_cfg(tmp_path, "experiment=exp2", "data.end_id=1", "search.pruning.loss_factor=100")
     merged = Experiment(cfg).run()
     unit = json.loads((tmp_path / "run" / "units" / "00000.json").read_text())
     k = unit["resolved"]["pruning_step"]["step"]
@@ -257,7 +257,7 @@ def test_exp4_weak_optimisation_changes_demo_psnr_little(tmp_path):
 
     base = Experiment(compose_cfg(tmp_path, "experiment=exp2", "name=base", "data.end_id=2")).run()
     weak = Experiment(compose_cfg(tmp_path, "experiment=exp4", "name=weak", "data.end_id=2",
-                                  "optimization.preset=weak")).run()
+                                  "search.optimization.preset=weak")).run()
     for a, b in zip(base["psnr"]["best"], weak["psnr"]["best"]):
         assert abs(a - b) <= 0.5
     opt = weak["optimization"]

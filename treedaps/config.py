@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .baselines.settings import ALGORITHMS, ResampleConfig
 from .errors import ConfigError
 from .mcmc import MCMCConfig
 from .modes import ModeThresholds
@@ -20,9 +21,9 @@ from .precision import Precision
 from .schedules import AnnealingConfig, ODEConfig
 from .search.consistency import OptimizationConfig
 from .search.pruning import PruningConfig
-from .search.settings import RepulsionConfig, SearchSettings
+from .search.settings import FLAGS, RepulsionConfig, SearchSettings
 
-__all__ = ["ConfigError", "Settings", "validate", "to_container"]
+__all__ = ["ConfigError", "Settings", "moved_key", "moved_message", "validate", "to_container"]
 
 
 # The run's own top-level keys (scalars and lists), written once here.
@@ -37,22 +38,25 @@ MCMC_NAMES = {"mc_algo": "algo"}
 MCMC_IGNORED = ("prior_sigma_min",)
 
 
-def _fields(cls, drop: tuple = (), add: tuple = ()) -> set[str]:
-    return {f.name for f in fields(cls)} - set(drop) | set(add)
+def _fields(cls, add: tuple = ()) -> set[str]:
+    return {f.name for f in fields(cls)} | set(add)
 
 
-# Top-level keys and, for blocks, their allowed sub-keys (None = free-form, checked elsewhere). The
-# search blocks mirror treedaps/search/ (one block per module, its keys the dataclass's fields).
-SCHEMA: dict[str, set | None] = {
+# Top-level keys and, for blocks, their allowed sub-keys (a dict for a nested block; None =
+# free-form, checked elsewhere). The search block mirrors treedaps/search/ (one block per module,
+# its keys the dataclass's fields, plus the part's switch `step`: the flat flag's copy, FLAGS).
+SCHEMA: dict[str, set | dict | None] = {
     **{key: set() for key in RUN_KEYS},
     "data": None, "model": None, "task": None, "sampler": None,
     "modes": _fields(ModeThresholds),
     "telemetry": set(TELEMETRY_KEYS),
-    "repulsion": _fields(RepulsionConfig, drop=("scale",)),          # scale: the flat repulsion_scale
-    "pruning": _fields(PruningConfig),
-    "optimization": _fields(OptimizationConfig, add=("preset",)),    # preset: PRESETS' name
-    "resample": None,     # checked by treedaps.baselines (ResampleConfig.from_mapping)
+    "search": {"branch_timestep": set(), "repulsion": _fields(RepulsionConfig),
+               "pruning": _fields(PruningConfig, add=("step",)),
+               "optimization": _fields(OptimizationConfig, add=("step", "preset"))},  # preset: PRESETS' name
+    "resample": _fields(ResampleConfig),
 }
+# Blocks that were top-level before the search block (issue 9): an old key gets its new name.
+MOVED = ("repulsion", "pruning", "optimization")
 _DAPS_NAME = {field: daps for daps, field in MCMC_NAMES.items()}
 MCMC_KEYS = {_DAPS_NAME.get(f.name, f.name) for f in fields(MCMCConfig)} | set(MCMC_IGNORED)
 METRICS = ("psnr", "ssim", "lpips")
@@ -66,15 +70,43 @@ def _fail(msg: str):
     raise ConfigError(msg)
 
 
-def check_keys(cfg: DictConfig) -> None:
+def moved_key(key: str) -> str | None:
+    """The new name of a key of an old top-level search block (``pruning.num_keep`` ->
+    ``search.pruning.num_keep``), or None."""
+    key = key.lstrip("+~")
+    return f"search.{key}" if key.split(".", 1)[0] in MOVED else None
+
+
+def moved_message(key: str) -> str:
+    return (f"'{key.lstrip('+~')}' is now '{moved_key(key)}': the search knobs are nested in the "
+            f"search: block, mirroring treedaps/search/ (docs/config.md)")
+
+
+def check_keys(cfg: DictConfig, schema: dict = SCHEMA, prefix: str = "") -> None:
     for key in cfg.keys():
-        if key not in SCHEMA:
-            _fail(f"unknown config key '{key}' (known: {', '.join(sorted(SCHEMA))})")
-        allowed = SCHEMA[key]
-        if allowed and isinstance(cfg[key], DictConfig):
+        name = f"{prefix}{key}"
+        if key not in schema:
+            if not prefix and key in MOVED:
+                sub = next(iter(cfg[key].keys()), "") if isinstance(cfg[key], DictConfig) else ""
+                _fail(moved_message(f"{key}.{sub}" if sub else key))
+            _fail(f"unknown config key '{name}' (known: {', '.join(sorted(schema))})")
+        allowed = schema[key]
+        if isinstance(allowed, dict) and isinstance(cfg[key], DictConfig):
+            check_keys(cfg[key], allowed, name + ".")
+        elif allowed and isinstance(cfg[key], DictConfig):
             for sub in cfg[key].keys():
                 if sub not in allowed:
-                    _fail(f"unknown config key '{key}.{sub}' (known: {', '.join(sorted(allowed))})")
+                    _fail(f"unknown config key '{name}.{sub}' (known: {', '.join(sorted(allowed))})")
+
+
+def check_flag_copies(cfg: DictConfig) -> None:
+    """The search block's copies of the flat flags (FLAGS) hold the flags' values: the flag is the
+    key to set (a copy set on its own would run what config.yaml's flag does not say)."""
+    for path, flag in FLAGS.items():
+        value = OmegaConf.select(cfg, f"search.{path}")
+        if value != cfg[flag]:
+            _fail(f"search.{path}={value} differs from {flag}={cfg[flag]}: set {flag} (search.{path} "
+                  f"copies it)")
 
 
 def check_finite(cfg: DictConfig) -> None:
@@ -124,6 +156,8 @@ class Settings:
     seeds: tuple[int, ...]
     metrics: tuple[str, ...]
     search: SearchSettings = SearchSettings()
+    algorithm: str = "latent_daps"
+    resample: ResampleConfig = ResampleConfig()
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -141,12 +175,6 @@ def validate(cfg: DictConfig) -> Settings:
     if cfg.batch_size != "auto" and (isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int)
                                      or cfg.batch_size < 1):
         _fail(f"batch_size (measurements per batch) must be auto or an integer >= 1, got {cfg.batch_size!r}")
-    for key in ("pruning_step", "optimization_step"):
-        value = float(cfg[key])
-        if value != -1 and not 0 <= value < 1000:
-            _fail(f"{key} is a diffusion timestep in [0, 1000) or -1 (off), got {cfg[key]}")
-    if not 0 <= float(cfg.branch_timestep) < 1000:
-        _fail(f"branch_timestep is a diffusion timestep in [0, 1000), got {cfg.branch_timestep}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         _fail(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not isinstance(cfg.deterministic, bool):
@@ -202,8 +230,28 @@ def validate(cfg: DictConfig) -> Settings:
         _fail(f"annealing needs sigma_max > sigma_min > 0, got {annealing.sigma_max}, {annealing.sigma_min}")
 
     thresholds = ModeThresholds(float(cfg.modes.min_psnr), float(cfg.modes.margin))
-    return Settings(annealing, ode, mcmc, operator, thresholds, seeds, metrics,
-                    SearchSettings.from_config(cfg))
+    check_flag_copies(cfg)
+    search = SearchSettings.from_config(cfg.search, int(cfg.num_samples))
+    algorithm, resample = _baseline(cfg, search)
+    return Settings(annealing, ode, mcmc, operator, thresholds, seeds, metrics, search, algorithm, resample)
+
+
+def _baseline(cfg: DictConfig, search: SearchSettings) -> tuple[str, ResampleConfig]:
+    """``algorithm`` and the ``resample:`` block, checked whatever the algorithm (a bad value there
+    is a mistake even when it is not used); ReSample runs no tree search."""
+    algorithm = str(cfg.algorithm)
+    if algorithm not in ALGORITHMS:
+        _fail(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    try:
+        resample = ResampleConfig.from_mapping(OmegaConf.to_container(cfg.resample, resolve=True))
+    except ValueError as err:
+        _fail(str(err))
+    on = [flag for flag, part in (("repulsion_scale", search.repulsion), ("pruning_step", search.pruning),
+                                  ("optimization_step", search.optimization)) if part is not None]
+    if algorithm == "resample" and on:
+        _fail(f"algorithm=resample runs no tree search: set {', '.join(on)} off "
+              "(repulsion_scale=0, pruning_step=-1, optimization_step=-1)")
+    return algorithm, resample
 
 
 def to_container(cfg: DictConfig) -> dict:

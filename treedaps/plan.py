@@ -1,7 +1,7 @@
 """The schedule of one run, decided in one place: the sigmas and what every annealing step does.
 
 ``build_plan(settings, model)`` resolves the user's timesteps (t of 1000: ``branch_timestep``
-(200), ``pruning_step``, ``optimization_step``, ``repulsion.end_timestep``) through the model's
+(200), ``pruning_step``, ``optimization_step``, ``search.repulsion.end_timestep``) through the model's
 sigma <-> t mapping to the nearest annealing step (``schedules.resolve_timestep``: outside the
 visited range is an error), and returns the annealing sigmas with a ``PhasePlan``. The loop asks
 ``plan.at(step)`` once per step for a ``StepAction``: phase, repulsion scale, prune (dry run?),
@@ -125,11 +125,11 @@ def build_plan(settings: "Settings", model: LatentModel) -> ResolvedPlan:
         plan.optimize_steps = frozenset(optimization_steps(search.optimization, first_opt, n))
     if search.repulsion is not None:
         rep = search.repulsion
-        end = resolve("repulsion.end_timestep", rep.end_timestep, off="repulsion_scale=0").step
+        end = resolve("search.repulsion.end_timestep", rep.end_timestep, off="repulsion_scale=0").step
         if first_opt is not None and first_opt < end:
             out.notes.append(f"repulsion would last until step {end}; it ends at the optimization "
                              f"step {first_opt} instead (latent optimisation runs without repulsion)")
             end = first_opt
         plan.repulsion = decay_weights(rep.scale, end, n, rep.decay)
-        out.resolved["repulsion.end_timestep"]["effective_end_step"] = end
+        out.resolved["search.repulsion.end_timestep"]["effective_end_step"] = end
     return out

@@ -11,20 +11,13 @@ Layout of ``save_dir/name/``::
 
 Every file is written to a temporary name in the same folder and renamed, so a crash never leaves
 half a file. A measurement counts as finished when its ``units/<unit>.json`` exists; rerunning the
-same command skips finished measurements only if the config hash matches, otherwise it fails and
-names the differing keys. Keys that do not change any measurement's numbers (the data range, the
-run name, bookkeeping) are left out of the hash, so ``--1`` then ``--10`` extends the same run.
-The hash is canonical: numbers count by value (``0``, ``0.0`` and ``0.00`` are one value, as a
-script and the default write them), but a boolean is never a number (``True`` != ``1``).
+same command skips finished measurements only if the config hash matches (``treedaps.hashing``:
+which keys count, one spelling per value), otherwise it fails and names the differing keys.
 Files get the mode the umask allows (``0o666 & ~umask``), as ``open`` would give them; temporary
 files left by a killed run are removed when the next run starts.
-
-Over 300 lines: the folder and its pictures (PNG, grids) belong together; the writing helpers are
-shared by both.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -40,14 +33,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from .hashing import config_diff, config_hash
 from .runlock import RunLock
 
 log = logging.getLogger("treedaps")
-# Keys that select which measurements run or where/how results are written, not their numbers.
-HASH_EXCLUDED = ("data.start_id", "data.end_id", "name", "save_dir", "gpu", "save_samples",
-                 "save_grids", "progress", "report", "threads", "dist_timeout_min")
-
-
 # Names of atomic_write_bytes's temporary files: ".<name>." + mkstemp's 8 random characters + ".tmp".
 TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
@@ -167,50 +156,6 @@ def save_unit_pictures(root: Path, unit: str, scored: list[dict], images: list[t
     if grids and images:
         save_grid(root / "grids" / f"{unit}.png", [gt, measurement_picture(y, gt.shape[-2:]), *images],
                   ["truth", "|y| (log)", *map(particle_label, scored)])
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def canonical(value):
-    """One spelling per value: an integral float is an int (0.0 -> 0, -0.0 -> 0), bools stay bools
-    (True is not 1), containers recursively; anything else that is not JSON becomes its str."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) and value.is_integer() else value
-    if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    return str(value)
-
-
-def hashed_values(config: dict) -> dict:
-    """The flattened, canonical values the hash covers (every key but ``HASH_EXCLUDED``)."""
-    return {k: canonical(v) for k, v in flatten(config).items() if k not in HASH_EXCLUDED}
-
-
-def config_hash(config: dict) -> str:
-    """Hash of the resolved config's canonical values, without the keys in ``HASH_EXCLUDED``."""
-    flat = hashed_values(config)
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def config_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, old value, new value) of every hashed key whose canonical value differs."""
-    a, b = hashed_values(old), hashed_values(new)
-    absent = "<absent>"
-    same = lambda k: json.dumps(a.get(k, absent)) == json.dumps(b.get(k, absent))  # noqa: E731 - True != 1
-    return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b)) if not same(k)]
 
 
 def git_revision() -> str | None:

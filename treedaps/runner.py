@@ -65,7 +65,8 @@ class Experiment:
         self.hooks: SearchHooks = build_search(self.settings.search, self.model, self.settings.operator,
                                                self.settings.mcmc.tau, self.device)
         self.plan: ResolvedPlan = build_plan(self.settings, self.model)
-        self.baseline = build_baseline(cfg, self.model)    # None: LatentDAPS (``sample``)
+        # None: LatentDAPS (``sample``)
+        self.baseline = build_baseline(self.settings.algorithm, self.settings.resample, self.model)
         if self.baseline is not None:
             self.plan = ResolvedPlan(plan=self.baseline.plan, sigmas=torch.zeros(0))
         if self.rank.is_main:
@@ -181,6 +182,8 @@ class Experiment:
     def _write_units(self, units, items, gt, y, out: SampleOutput, telemetry: Telemetry, elapsed: float):
         """One record + tensors + pictures per measurement of the batch (shared costs split evenly)."""
         finals = out.images.float().cpu() if out.images is not None else None
+        pruning, num_samples = self.settings.search.pruning, int(self.cfg.num_samples)
+        particle_steps = self.plan.particle_steps(num_samples, pruning.num_keep if pruning else num_samples)
         for m, ((pos, seed), item) in enumerate(zip(units, items)):
             unit = self._unit((pos, seed))
             rows, images, latents, retired = record.particle_rows(out, m, finals, self._decode)
@@ -189,7 +192,7 @@ class Experiment:
             unit_record = record.unit_record(
                 item, seed, unit, rows, unavailable, m=m, n=len(units), elapsed=elapsed, telemetry=telemetry,
                 plan=self.plan, config_hash=self.config_hash,
-                particle_steps=self.plan.particle_steps(int(self.cfg.num_samples), int(self.cfg.pruning.num_keep)))
+                particle_steps=particle_steps)
             save_unit_pictures(self.run_dir.root, unit, scored, images, gt[m], y[m], bool(self.cfg.save_samples),
                                bool(self.cfg.save_grids))
             self.run_dir.write_unit(unit, unit_record, record.unit_tensors(scored, images, latents, gt[m], y[m],

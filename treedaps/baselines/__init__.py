@@ -1,22 +1,23 @@
 """Baselines run through the same runner, operator, particles and telemetry as LatentDAPS.
 
-``build_baseline(cfg, model)`` reads the config key ``algorithm`` (``latent_daps`` | ``resample``)
-and returns None for LatentDAPS (the runner's own ``sample``) or a ``Baseline``: its sampler, the
-phase plan the records use (steps, optimisation events) and the prior scale of z_T.
+``build_baseline(settings, model)`` returns None for ``algorithm: latent_daps`` (the runner's own
+``sample``) or a ``Baseline``: its sampler, the phase plan the records use (steps, optimisation
+events) and the prior scale of z_T. The settings (``algorithm``, the ``resample:`` block) are
+checked up front by ``treedaps.config`` (``settings.py``), whatever the algorithm.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING, Callable
 
 from ..models.base import LatentModel
 from ..plan import PhasePlan
-from ..sampler import SampleOutput
-from .resample import ResampleConfig, check_model, resample, resample_plan
+from .settings import ALGORITHMS, ResampleConfig
 
-ALGORITHMS = ("latent_daps", "resample")
+if TYPE_CHECKING:
+    from ..sampler import SampleOutput
+
+__all__ = ["ALGORITHMS", "Baseline", "ResampleConfig", "build_baseline"]
 
 
 @dataclass
@@ -25,26 +26,19 @@ class Baseline:
     description: str                 # recorded in metrics.json (metadata.algorithm)
     plan: PhasePlan
     prior_sigma: float               # z_T = prior_sigma * n
-    sample: Callable[..., SampleOutput]   # sample(model, operator, particles, device, callback)
+    sample: Callable[..., "SampleOutput"]   # sample(model, operator, particles, device, callback)
 
 
-def build_baseline(cfg: DictConfig, model: LatentModel) -> Baseline | None:
-    """None for ``algorithm: latent_daps``; ValueError (one line) for a bad algorithm or setting."""
-    name = str(cfg.get("algorithm", "latent_daps"))
-    if name not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {name!r}")
-    if name == "latent_daps":
+def build_baseline(algorithm: str, rcfg: ResampleConfig, model: LatentModel) -> Baseline | None:
+    """None for ``latent_daps``; ValueError (one line) for a model the baseline cannot run."""
+    if algorithm == "latent_daps":
         return None
-    search = [k for k in ("repulsion_scale", "pruning_step", "optimization_step")
-              if float(cfg.get(k, 0 if k == "repulsion_scale" else -1)) != (0 if k == "repulsion_scale" else -1)]
-    if search:
-        raise ValueError(f"algorithm=resample runs no tree search: set {', '.join(search)} off "
-                         "(repulsion_scale=0, pruning_step=-1, optimization_step=-1)")
-    block = cfg.get("resample")
-    rcfg = ResampleConfig.from_mapping(OmegaConf.to_container(block, resolve=True) if block is not None else {})
+    # the sampler code imports the loop (sampler.py); the settings above must not
+    from .resample import check_model, resample, resample_plan  # noqa: PLC0415
     check_model(model)
     return Baseline(
-        name=name, description=f"resample (coupling={rcfg.coupling}, {rcfg.num_steps} DDIM steps, z0hat={rcfg.z0hat})",
+        name=algorithm, description=f"resample (coupling={rcfg.coupling}, {rcfg.num_steps} DDIM steps, "
+                                    f"z0hat={rcfg.z0hat})",
         plan=resample_plan(rcfg), prior_sigma=1.0,
         sample=lambda model, operator, particles, device, callback: resample(
             model, operator, particles, rcfg, device, callback))

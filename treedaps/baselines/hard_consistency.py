@@ -30,8 +30,8 @@ import torch
 from ..device import Device
 from ..search.consistency import OptimizationConfig
 from ..search.optimizer import optimize_latents   # the only import of it
+from .settings import COUPLINGS
 
-COUPLINGS = ("independent", "faithful")
 
 
 def settings(lr: float, max_iters: int, eps: float, plateau_window: int, weight_decay: float) -> OptimizationConfig:

@@ -138,17 +138,17 @@ class OptimizationConfig:
         if int(self.final_reserve) < 0 or (self.budget is not None and self.final_reserve >= self.budget):
             problems.append(f"final_reserve must be in [0, budget), got {self.final_reserve}")
         if problems:
-            raise ValueError("optimization: " + "; ".join(problems))
+            raise ValueError("search.optimization: " + "; ".join(problems))
 
     @classmethod
     def from_preset(cls, preset: str = "resample", **overrides) -> "OptimizationConfig":
         """The preset's values, then ``overrides`` (unknown keys are an error)."""
         if preset not in PRESETS:
-            raise ValueError(f"optimization.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+            raise ValueError(f"search.optimization.preset must be one of {', '.join(PRESETS)}, got {preset!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown optimization key(s) {', '.join(unknown)} "
+            raise ValueError(f"unknown search.optimization key(s) {', '.join(unknown)} "
                              f"(known: preset, {', '.join(sorted(known))})")
         return cls(**{**PRESETS[preset], **overrides})
 

@@ -50,11 +50,11 @@ class PruningConfig:
 
     def __post_init__(self):
         if int(self.num_keep) < 1:
-            raise ValueError(f"pruning.num_keep must be >= 1, got {self.num_keep}")
+            raise ValueError(f"search.pruning.num_keep must be >= 1, got {self.num_keep}")
         if not float(self.loss_factor) >= 1:
-            raise ValueError(f"pruning.loss_factor must be >= 1, got {self.loss_factor}")
+            raise ValueError(f"search.pruning.loss_factor must be >= 1, got {self.loss_factor}")
         if self.criterion not in ("z0hat", "z0y"):
-            raise ValueError(f"pruning.criterion must be z0hat or z0y, got {self.criterion!r}")
+            raise ValueError(f"search.pruning.criterion must be z0hat or z0y, got {self.criterion!r}")
 
 
 def mode_distances(x: torch.Tensor, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:

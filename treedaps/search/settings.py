@@ -1,9 +1,14 @@
-"""The search's typed settings, built once from the config: one object per part, None = off.
+"""The search's typed settings, built once from the config's ``search:`` block: one object per part,
+None = off.
 
-``SearchSettings.from_config`` is the only place that reads the raw keys and decides which part is
-on (``repulsion_scale > 0``, ``pruning_step != -1``, ``optimization_step != -1``); the plan
-(``treedaps.plan``) and the hooks (``treedaps.search.build_search``) only look at which part is
-None. Each value check lives in its dataclass's ``__post_init__``.
+The block mirrors this package (``search.repulsion`` / ``search.pruning`` / ``search.optimization``,
+each holding its dataclass's fields) and carries the mission's flat flags through interpolation:
+``search.branch_timestep: ${branch_timestep}``, ``search.repulsion.scale: ${repulsion_scale}``,
+``search.pruning.step: ${pruning_step}``, ``search.optimization.step: ${optimization_step}``
+(``FLAGS``). ``SearchSettings.from_config`` reads only that block; it is the one place that decides
+which part is on (scale > 0, step != -1). Every value check lives once, in a dataclass's
+``__post_init__`` or here, and runs whether or not the part is on; the plan (``treedaps.plan``) and
+the hooks (``treedaps.search.build_search``) only look at which part is None.
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from .consistency import OptimizationConfig
 from .pruning import PruningConfig
 
 DECAYS = ("linear", "cosine", "constant")
+# Keys of the search block that copy (by interpolation) the mission's flat flags: the user sets the flag.
+FLAGS = {"branch_timestep": "branch_timestep", "repulsion.scale": "repulsion_scale",
+         "pruning.step": "pruning_step", "optimization.step": "optimization_step"}
 
 
 @dataclass(frozen=True)
@@ -31,19 +39,19 @@ class RepulsionConfig:
     representation: str = "latent"
 
     def __post_init__(self):
-        if not self.scale > 0:
+        if not self.scale >= 0:
             raise ConfigError(f"repulsion_scale must be >= 0 (0 = independent particles), got {self.scale}")
         if self.representation != "latent":
-            raise ConfigError(f"repulsion.representation must be 'latent', got {self.representation!r}")
+            raise ConfigError(f"search.repulsion.representation must be 'latent', got {self.representation!r}")
         if self.decay not in DECAYS:
-            raise ConfigError(f"repulsion.decay must be linear, cosine or constant, got {self.decay!r}")
+            raise ConfigError(f"search.repulsion.decay must be linear, cosine or constant, got {self.decay!r}")
         if self.bandwidth != "median":
             try:
                 h = float(self.bandwidth)
             except (TypeError, ValueError):
                 h = -1.0
             if not h > 0:
-                raise ConfigError(f"repulsion.bandwidth must be 'median' or a positive number, "
+                raise ConfigError(f"search.repulsion.bandwidth must be 'median' or a positive number, "
                                   f"got {self.bandwidth!r}")
             object.__setattr__(self, "bandwidth", h)
 
@@ -60,30 +68,33 @@ class SearchSettings:
     optimization_step: float | None = None
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "SearchSettings":
-        repulsion = pruning = optimization = None
-        if float(cfg.repulsion_scale) != 0:     # a negative scale: RepulsionConfig refuses it
-            r = cfg.repulsion
-            repulsion = RepulsionConfig(float(cfg.repulsion_scale), str(r.decay), float(r.end_timestep),
-                                        r.bandwidth, str(r.representation))
-        if float(cfg.pruning_step) != -1:
-            p = cfg.pruning
-            if int(p.num_keep) >= int(cfg.num_samples):
-                raise ConfigError(f"pruning_step={cfg.pruning_step} with pruning.num_keep={p.num_keep} >= "
-                                  f"num_samples={cfg.num_samples}: nothing to prune (set pruning_step=-1)")
-            try:
-                pruning = PruningConfig(int(p.num_keep), float(p.loss_factor), bool(p.replace_hopeless),
-                                        int(p.image_size), str(p.criterion), bool(p.get("dry_run", False)))
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-        if float(cfg.optimization_step) != -1:
-            block = cfg.get("optimization")
-            try:
-                optimization = OptimizationConfig.from_mapping(
-                    OmegaConf.to_container(block, resolve=True) if block is not None else {})
-            except ValueError as err:
-                raise ConfigError(f"optimization: {err}") from None
-        return cls(branch_timestep=float(cfg.branch_timestep), repulsion=repulsion, pruning=pruning,
-                   pruning_step=None if pruning is None else float(cfg.pruning_step),
-                   optimization=optimization,
-                   optimization_step=None if optimization is None else float(cfg.optimization_step))
+    def from_config(cls, block: DictConfig, num_samples: int) -> "SearchSettings":
+        """From the ``search:`` block; ``num_samples`` (particles per measurement) bounds ``num_keep``."""
+        steps = {part: float(block[part].step) for part in ("pruning", "optimization")}   # -1 = off
+        for part, step in steps.items():
+            if step != -1 and not 0 <= step < 1000:
+                raise ConfigError(f"{FLAGS[part + '.step']} is a diffusion timestep in [0, 1000) or -1 (off), "
+                                  f"got {step:g}")
+        if not 0 <= float(block.branch_timestep) < 1000:
+            raise ConfigError(f"branch_timestep is a diffusion timestep in [0, 1000), got {block.branch_timestep}")
+        r, p = block.repulsion, block.pruning
+        repulsion = RepulsionConfig(float(r.scale), str(r.decay), float(r.end_timestep), r.bandwidth,
+                                    str(r.representation))
+        options = OmegaConf.to_container(block.optimization, resolve=True)
+        del options["step"]
+        try:
+            pruning = PruningConfig(int(p.num_keep), float(p.loss_factor), bool(p.replace_hopeless),
+                                    int(p.image_size), str(p.criterion), bool(p.dry_run))
+            optimization = OptimizationConfig.from_mapping(options)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if steps["pruning"] != -1 and pruning.num_keep >= num_samples:
+            raise ConfigError(f"pruning_step={steps['pruning']:g} with search.pruning.num_keep={pruning.num_keep} "
+                              f">= num_samples={num_samples}: nothing to prune (set pruning_step=-1)")
+        on = {part: step != -1 for part, step in steps.items()}
+        return cls(branch_timestep=float(block.branch_timestep),
+                   repulsion=repulsion if repulsion.scale > 0 else None,
+                   pruning=pruning if on["pruning"] else None,
+                   pruning_step=steps["pruning"] if on["pruning"] else None,
+                   optimization=optimization if on["optimization"] else None,
+                   optimization_step=steps["optimization"] if on["optimization"] else None)
