@@ -32,7 +32,7 @@ def decay_weights(scale: float, end_step: int, num_steps: int, decay: str) -> li
         "constant": lambda p: 1.0,
     }
     if decay not in shapes:
-        raise ValueError(f"repulsion.decay must be one of {', '.join(shapes)}, got {decay!r}")
+        raise ValueError(f"search.repulsion.decay must be one of {', '.join(shapes)}, got {decay!r}")
     return [scale * shapes[decay](k / end_step) if k < end_step else 0.0 for k in range(num_steps)]
 
 
