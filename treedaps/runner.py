@@ -27,6 +27,7 @@ from .modes import label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
 from .precision import Precision, apply_flags, prepare_model
+from .prewarm import prewarm
 from .results import RunDir, atomic_write_json, git_revision, save_unit_pictures, unit_name
 from .rng import measurement_generator
 from .sampler import SampleOutput, sample
@@ -110,6 +111,8 @@ class Experiment:
         todo = self.units()
         self._log_resume(todo)
         batch = self.batch_size(len(todo))
+        if self.device.xla.prewarm and todo:      # XLA: compile before the first measurement's clock
+            self.prewarm_record = prewarm(self, min(batch, len(todo)))
         show = bool(self.cfg.progress) and self.rank.is_main
         bar = tqdm(total=len(todo), desc="measurements", disable=not show, dynamic_ncols=True)
         for start in range(0, len(todo), batch):
@@ -224,6 +227,8 @@ class Experiment:
             git_revision=git_revision(), config_hash=self.config_hash, name=str(self.cfg.name),
             num_units=len(units), num_samples=int(self.cfg.num_samples), world_size=self.rank.world,
             algorithm=self.baseline.description if self.baseline else "latent_daps",
+            xla=(dict(self.device.xla.as_dict(), prewarm=getattr(self, "prewarm_record", None))
+                 if self.device.kind == "xla" else None),
             written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         merged = record.merge(units, metadata, self.settings.metrics)
