@@ -76,9 +76,12 @@ def prewarm(experiment, measurements: int) -> dict:
             shapes.append(f"step {step} at {before}" + (f"->{len(particles)}" if len(particles) != before else ""))
             if not len(particles):
                 break
-        if len(particles):
+        if len(particles):                   # the sampler's final decode, kept alive for the sync
             with torch.no_grad():
-                s.operator.loss(model.decode(particles.z), particles.y)
+                images = model.decode(particles.z)
+                final = (images, s.operator.loss(images, particles.y))
+            dev.synchronize()
+            del final
         if opt_rows and len(particles) and s.search.optimization is not None:
             z, y = particles.z.detach(), particles.y
             for n in range(min(opt_rows, len(particles)), 0, -1):
