@@ -17,6 +17,7 @@ from treedaps.models.toy import GaussianMixturePrior
 from treedaps.operators import PhaseRetrieval
 from treedaps.particles import Particles
 from treedaps.plan import PhasePlan
+from treedaps.prewarm import prewarm
 from treedaps.rng import measurement_generator
 from treedaps.runner import Experiment
 from treedaps.sampler import sample
@@ -103,3 +104,10 @@ def test_runner_on_xla_prewarm_and_sync_every_keep_the_cpu_numbers(tmp_path, xla
             assert 0 <= more <= 2
             extra += more
     assert extra > 0                          # a row was frozen before a read (image 0, iteration 18)
+
+
+def test_prewarm_skips_the_resample_baseline(tmp_path, xla, caplog):
+    exp = Experiment(make_cfg(tmp_path, "use_tpu=true", "tpu_cores=1", "xla_prewarm=true", "algorithm=resample"))
+    with caplog.at_level(logging.INFO, logger="treedaps"):
+        record = prewarm(exp, 1)
+    assert record["skipped"] and record["shapes"] == [] and "pre-warm: skipped" in caplog.text
