@@ -30,6 +30,7 @@ class FakeXM:
         self.waits = 0
         self.transfers = 0           # batched host-to-device transfers
         self.rendezvous_tags = []
+        self.rng_seeds = []
 
     def send_cpu_data_to_device(self, tensors, device):
         self.transfers += 1
@@ -37,6 +38,11 @@ class FakeXM:
 
     def rendezvous(self, tag):
         self.rendezvous_tags.append(tag)
+
+    def set_rng_state(self, seed, device=None):
+        """XLA's generator: here the CPU's global one (tests restore it with torch.random.fork_rng)."""
+        self.rng_seeds.append(seed)
+        torch.manual_seed(seed)
 
     def mark_step(self):
         self.mark_steps += 1
@@ -115,7 +121,7 @@ def stand_in_torch_xla(monkeypatch, version=None, cores=1, delay_s=0.0):
     core = types.ModuleType("torch_xla.core")
     mod = types.ModuleType("torch_xla.core.xla_model")
     for name in ("mark_step", "wait_device_ops", "xla_device", "get_memory_info",
-                 "send_cpu_data_to_device", "rendezvous"):
+                 "send_cpu_data_to_device", "rendezvous", "set_rng_state"):
         setattr(mod, name, getattr(xm, name))
     runtime = types.ModuleType("torch_xla.runtime")
     for name in ("global_ordinal", "local_ordinal", "world_size", "initialize_cache"):

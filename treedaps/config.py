@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .baselines.settings import ALGORITHMS, ResampleConfig
+from .device import XlaOptions
 from .errors import ConfigError
 from .mcmc import MCMCConfig
 from .modes import ModeThresholds
@@ -31,7 +32,7 @@ RUN_KEYS = ("name", "save_dir", "seed", "seeds", "num_samples", "repulsion_scale
             "optimization_step", "branch_timestep", "use_tpu", "device", "gpu", "batch_size", "num_runs",
             "task_group", "eval_fn_list", "save_samples", "save_grids", "progress", "deterministic",
             "threads", "dist_timeout_min", "algorithm", "precision", "compile", "channels_last",
-            "tpu_cores", "xla_cache_dir")
+            "tpu_cores", "xla_cache_dir", "xla_sync_every", "xla_rng", "xla_prewarm")
 TELEMETRY_KEYS = ("diagnostics", "pairwise_matrices", "prior_score")
 # DAPS's mcmc_sampler_config names -> MCMCConfig fields; prior_sigma_min is DAPS's and unused here.
 MCMC_NAMES = {"mc_algo": "algo"}
@@ -191,6 +192,10 @@ def validate(cfg: DictConfig) -> Settings:
         _fail(f"dist_timeout_min (minutes a rank waits for the others) must be > 0, got {cfg.dist_timeout_min!r}")
     if str(cfg.get("tpu_cores", "auto")) not in ("auto", "1"):
         _fail(f"tpu_cores must be auto (every local TPU core) or 1, got {cfg.tpu_cores!r}")
+    try:
+        XlaOptions.from_config(cfg)
+    except ValueError as err:
+        _fail(str(err))
     metrics = tuple(cfg.eval_fn_list)
     for m in metrics:
         if m not in METRICS:

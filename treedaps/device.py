@@ -13,6 +13,9 @@
   no per-device generators, so particles draw on the host (CPU generators) and the draws are
   copied to the TPU: streams are then identical to a CPU run's. On XLA an annealing step's draws
   are made at once and moved in one batched transfer (``to_device_many``; ``Particles.noise_block``).
+* XLA options (``XlaOptions``, config keys ``xla_sync_every``, ``xla_rng``, ``xla_prewarm``; docs/tpu.md):
+  how often the latent optimiser reads its stop decisions back, XLA's own generator for the
+  annealing noise (``seeded_normal``), and the shape pre-warm (``treedaps/prewarm.py``).
 * step boundaries: on XLA ``mark_step`` after every MCMC / optimisation iteration (otherwise the
   lazy graph unrolls dozens of decoder passes) and at every annealing step; no-ops elsewhere.
 * timing: ``synchronize`` before reading a clock (CUDA: ``torch.cuda.synchronize``; XLA:
@@ -35,12 +38,40 @@ log = logging.getLogger("treedaps")
 CUBLAS_WORKSPACE = ":4096:8"     # what cuBLAS needs for reproducible results (CUDA docs, "Reproducibility")
 
 
+@dataclass(frozen=True)
+class XlaOptions:
+    """What ``use_tpu=true`` runs may change (docs/tpu.md): ``sync_every`` (the latent optimiser
+    reads its stop decisions every this many iterations), ``rng`` (annealing noise from XLA's
+    generator instead of the host streams), ``prewarm`` (compile the run's graph shapes first)."""
+
+    sync_every: int = 25
+    rng: bool = False
+    prewarm: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "XlaOptions":
+        """From the run's keys; ValueError (one line, naming the key) for a bad value."""
+        every, rng, prewarm = cfg.get("xla_sync_every", 25), cfg.get("xla_rng", False), cfg.get("xla_prewarm", False)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"xla_sync_every must be an integer >= 1, got {every!r}")
+        for key, value in (("xla_rng", rng), ("xla_prewarm", prewarm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+            if value and not bool(cfg.get("use_tpu", False)):
+                raise ValueError(f"{key}=true is an XLA option: it needs use_tpu=true (docs/tpu.md)")
+        return cls(int(every), rng, prewarm)
+
+    def as_dict(self) -> dict:
+        return dict(sync_every=self.sync_every, rng=self.rng, prewarm=self.prewarm)
+
+
 @dataclass
 class Device:
     kind: str                      # "cuda" | "cpu" | "xla"
     torch_device: torch.device
     _xm: object = field(default=None, repr=False)
     deterministic: bool | None = None   # the flag apply_determinism was called with (None: never)
+    xla: XlaOptions = field(default_factory=XlaOptions)   # used only when kind == "xla"
 
     # -- random numbers ------------------------------------------------------------------------
     def generator(self, seed: int) -> torch.Generator:
@@ -52,6 +83,18 @@ class Device:
         if self.kind == "cuda":
             return torch.randn(shape, generator=generator, device=self.torch_device)
         return torch.randn(shape, generator=generator).to(self.torch_device)
+
+    def seeded_normal(self, seeds: list[int], shape, count: int) -> list[torch.Tensor]:
+        """``count`` standard-normal draws (B, *shape) from XLA's generator, row b seeded with
+        ``seeds[b]`` (``xm.set_rng_state``: a seed is uploaded data, so one graph for every step);
+        the draws are materialised by one ``mark_step``, each its own device buffer."""
+        rows = []
+        for seed in seeds:
+            self._xm.set_rng_state(int(seed), self.torch_device)
+            rows.append(torch.randn((count, *shape), device=self.torch_device))
+        draws = [torch.stack([r[k] for r in rows]) for k in range(count)]
+        self._xm.mark_step()
+        return draws
 
     def to_device_many(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Host tensors -> device tensors; XLA: one batched transfer (``send_cpu_data_to_device``),

@@ -122,8 +122,14 @@ class Particles:
 
     def noise_block(self, device: Device, count: int) -> "NoiseBlock":
         """The next ``count`` draws of every particle (XLA): made on the host in the order
-        ``randn_like_z`` would make them, moved in one transfer, handed out by ``NoiseBlock()``."""
+        ``randn_like_z`` would make them, moved in one transfer, handed out by ``NoiseBlock()``.
+        With ``xla_rng`` they are drawn by XLA's generator, each particle's seeded by one integer
+        from its own stream (keyed, so reproducible and independent of the batch; not the values
+        of the host streams)."""
         shape = tuple(self.z.shape[1:])
+        if device.xla.rng:
+            seeds = [int(torch.randint(2 ** 62, (1,), generator=g)) for g in self.generators]
+            return NoiseBlock(device.seeded_normal(seeds, shape, count))
         host = [[torch.randn(shape, generator=g) for _ in range(count)] for g in self.generators]
         return NoiseBlock(device.to_device_many([torch.stack([h[k] for h in host]) for k in range(count)]))
 

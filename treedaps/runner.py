@@ -20,13 +20,14 @@ from . import distributed, record
 from .baselines import build_baseline
 from .config import Settings, to_container, validate
 from .data import build_dataset, check_dataset
-from .device import Device, select_device
+from .device import Device, XlaOptions, select_device
 from .metrics import Lpips, default_lpips, evaluate
 from .models import build_model
 from .modes import label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
 from .precision import Precision, apply_flags, prepare_model
+from .prewarm import prewarm
 from .results import RunDir, atomic_write_json, git_revision, save_unit_pictures, unit_name
 from .rng import measurement_generator
 from .sampler import SampleOutput, sample
@@ -48,6 +49,7 @@ class Experiment:
         gpu = self.rank.local_rank if self.rank.world > 1 else int(cfg.gpu)
         self.device: Device = select_device(str(cfg.device), gpu, bool(cfg.use_tpu), bool(cfg.deterministic),
                                             cfg.threads, str(cfg.model.name))
+        self.device.xla = XlaOptions.from_config(cfg)
         self.precision = Precision.from_config(cfg)
         apply_flags(self.precision.mode)          # global, like the determinism flags
         log.info("%s", self.device.startup_line())
@@ -110,6 +112,8 @@ class Experiment:
         todo = self.units()
         self._log_resume(todo)
         batch = self.batch_size(len(todo))
+        if self.device.xla.prewarm and todo:      # XLA: compile before the first measurement's clock
+            self.prewarm_record = prewarm(self, min(batch, len(todo)))
         show = bool(self.cfg.progress) and self.rank.is_main
         bar = tqdm(total=len(todo), desc="measurements", disable=not show, dynamic_ncols=True)
         for start in range(0, len(todo), batch):
@@ -226,6 +230,8 @@ class Experiment:
             git_revision=git_revision(), config_hash=self.config_hash, name=str(self.cfg.name),
             num_units=len(units), num_samples=int(self.cfg.num_samples), world_size=self.rank.world,
             algorithm=self.baseline.description if self.baseline else "latent_daps",
+            xla=(dict(self.device.xla.as_dict(), prewarm=getattr(self, "prewarm_record", None))
+                 if self.device.kind == "xla" else None),
             written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         merged = record.merge(units, metadata, self.settings.metrics)

@@ -6,7 +6,9 @@
 is B independent optimisers (Adam is elementwise and the batch objective is the SUM of the
 per-particle means); a particle that stops leaves the active set: the parameter and AdamW's state
 rows are rebuilt from the remaining rows (``_shrink``), so the others continue exactly as before
-and the decoder sees a smaller batch. It returns per particle: iterations, stop reason, loss
+and the decoder sees a smaller batch. That loop reads every active loss back each iteration (a
+device sync on XLA); on XLA the same rules run on the device (``optimizer_masked``: stopped rows
+frozen, read back every K iterations). It returns per particle: iterations, stop reason, loss
 before / after, cap, decoder evaluations. It reads no clock and never waits for the device (time
 is telemetry's: ``Telemetry._on_optimize_end``); ``on_iteration`` lets an observer follow it.
 """
@@ -66,11 +68,46 @@ def _shrink(param: torch.Tensor, opt: torch.optim.AdamW, rows: list[int],
     return new, new_opt
 
 
+@dataclass
+class Setup:
+    """What both loops share: per-particle settings, the outputs, and the rows that run."""
+
+    caps: list[int]
+    cap_reasons: list[str]
+    noise_level: float | None     # the noise-aware threshold (None: off)
+    eps2: float
+    window: int
+    z_out: torch.Tensor
+    results: list[ParticleResult]
+    active: list[int]             # batch positions that run (finite start, cap > 0)
+
+    @classmethod
+    def build(cls, z_start, operator, cfg, ids, caps, cap_reasons, sigma_y) -> "Setup":
+        b = z_start.shape[0]
+        ids = list(range(b)) if ids is None else list(ids)
+        caps = [int(cfg.max_iters)] * b if caps is None else [int(c) for c in caps]
+        cap_reasons = ["max_iters"] * b if cap_reasons is None else list(cap_reasons)
+        sigma = float(getattr(operator, "sigma", 0.0) if sigma_y is None else sigma_y)
+        results = [ParticleResult(id=i, cap=c) for i, c in zip(ids, caps)]
+        finite = torch.isfinite(z_start.detach()).flatten(1).all(1).tolist()
+        active = []
+        for pos in range(b):
+            if not finite[pos]:
+                results[pos].stop_reason = "nonfinite"
+            elif caps[pos] <= 0:
+                results[pos].stop_reason = cap_reasons[pos]
+            else:
+                active.append(pos)
+        return cls(caps, cap_reasons, cfg.noise_factor * sigma ** 2 if cfg.noise_aware else None,
+                   cfg.eps ** 2, int(cfg.plateau_window), z_start.detach().clone(), results, active)
+
+
 def optimize_latents(z_start: torch.Tensor, y: torch.Tensor, decode: Callable, operator: Callable,
                      cfg: OptimizationConfig, device: Device, ids: list[int] | None = None,
                      caps: list[int] | None = None, cap_reasons: list[str] | None = None,
                      sigma_y: float | None = None,
-                     on_iteration: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[ParticleResult]]:
+                     on_iteration: Callable[[dict], None] | None = None,
+                     sync_every: int | None = None) -> tuple[torch.Tensor, list[ParticleResult]]:
     """Minimise each particle's mean-squared residual over its latent, independently.
 
     ``z_start`` (B, ...) latents, ``y`` (B, ...) measurements, ``decode`` latent -> image,
@@ -80,86 +117,82 @@ def optimize_latents(z_start: torch.Tensor, y: torch.Tensor, decode: Callable, o
     particle does not run (returned unchanged, reason ``cap_reasons[b]``, no decoder pass).
     ``on_iteration(dict(iteration=i, particles=[batch positions evaluated]))`` is called after
     every iteration (for an observer; nothing here reads a clock or waits for the device).
+    ``sync_every``: None = the host rule (losses read every iteration) on CPU / CUDA and the
+    device rule (``optimizer_masked``: read back every ``device.xla.sync_every`` iterations) on
+    XLA; an integer K forces the device rule with period K (same iterations, stop reasons and
+    latents; decoder counts then include the evaluations of stopped rows before the read).
     Returns (z at each particle's stopping point (B, ...), per-particle results).
     """
-    b = z_start.shape[0]
-    ids = list(range(b)) if ids is None else list(ids)
-    caps = [int(cfg.max_iters)] * b if caps is None else [int(c) for c in caps]
-    cap_reasons = ["max_iters"] * b if cap_reasons is None else list(cap_reasons)
-    sigma = float(getattr(operator, "sigma", 0.0) if sigma_y is None else sigma_y)
-    noise_level = cfg.noise_factor * sigma ** 2 if cfg.noise_aware else None
-    eps2 = cfg.eps ** 2
-    window = int(cfg.plateau_window)
+    setup = Setup.build(z_start, operator, cfg, ids, caps, cap_reasons, sigma_y)
+    if sync_every is None and device.kind == "xla":
+        sync_every = device.xla.sync_every
+    if setup.active and sync_every is not None:
+        from .optimizer_masked import run_masked  # noqa: PLC0415 - it imports this module
+        run_masked(setup, z_start, y, decode, operator, cfg, device, int(sync_every), on_iteration)
+    elif setup.active:
+        _run_host(setup, z_start, y, decode, operator, cfg, device, on_iteration)
+    return setup.z_out, setup.results
 
-    z_out = z_start.detach().clone()
-    results = [ParticleResult(id=i, cap=c) for i, c in zip(ids, caps)]
-    finite = torch.isfinite(z_start.detach()).flatten(1).all(1).tolist()
-    active: list[int] = []                      # batch positions of the rows of ``param``
-    for pos in range(b):
-        if not finite[pos]:
-            results[pos].stop_reason = "nonfinite"
-        elif caps[pos] <= 0:
-            results[pos].stop_reason = cap_reasons[pos]
-        else:
-            active.append(pos)
+
+def _run_host(setup: Setup, z_start, y, decode, operator, cfg, device, on_iteration) -> None:
+    """The host rule: every iteration reads the active losses and drops the rows that stop."""
+    caps, cap_reasons, results, z_out = setup.caps, setup.cap_reasons, setup.results, setup.z_out
+    active = list(setup.active)                 # batch positions of the rows of ``param``
     history: dict[int, list[float]] = {pos: [] for pos in active}
-
-    if active:
-        index = torch.tensor(active, dtype=torch.long, device=z_start.device)
-        param = z_start.detach().index_select(0, index).clone().requires_grad_(True)
-        y_act = y.detach().index_select(0, index.to(y.device))
-        opt = _new_optimizer(param, cfg)
-        prev = param.detach().clone()
-        i = 0
-        with torch.enable_grad():
-            while active:
-                members = list(active)              # the particles this iteration is charged to
-                with_grad = any(i < caps[pos] for pos in active)
-                if with_grad:
-                    opt.zero_grad(set_to_none=True)
+    index = torch.tensor(active, dtype=torch.long, device=z_start.device)
+    param = z_start.detach().index_select(0, index).clone().requires_grad_(True)
+    y_act = y.detach().index_select(0, index.to(y.device))
+    opt = _new_optimizer(param, cfg)
+    prev = param.detach().clone()
+    i = 0
+    with torch.enable_grad():
+        while active:
+            members = list(active)              # the particles this iteration is charged to
+            with_grad = any(i < caps[pos] for pos in active)
+            if with_grad:
+                opt.zero_grad(set_to_none=True)
+                loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
+                # One backward per decoder pass under autograd, always (telemetry counts so).
+                loss.sum().backward()
+            else:                               # every active particle is at its cap
+                with torch.no_grad():
                     loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
-                    # One backward per decoder pass under autograd, always (telemetry counts so).
-                    loss.sum().backward()
-                else:                               # every active particle is at its cap
-                    with torch.no_grad():
-                        loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
-                values = loss.detach().tolist()
-                keep, stopped = [], False
-                for row, (pos, value) in enumerate(zip(active, values)):
-                    r, hist = results[pos], history[pos]
-                    if with_grad:
-                        r.decoder_forward_backward += 1
-                    else:
-                        r.decoder_forward_only += 1
-                    if i == 0:
-                        r.loss_before = value
-                    reason = _stop_reason(value, i, hist, eps2, noise_level, window, caps[pos],
-                                          cap_reasons[pos])
-                    hist.append(value)
-                    if reason is None:
-                        keep.append(row)
-                        continue
-                    stopped = True
-                    r.stop_reason, r.iterations = reason, i
-                    if reason == "nonfinite" and i > 0:
-                        r.loss_after, z_out[pos] = hist[i - 1], prev[row]
-                    else:
-                        r.loss_after = value if reason != "nonfinite" else None
-                        z_out[pos] = param.detach()[row]
-                if stopped:
-                    active = [active[row] for row in keep]
-                    if keep:
-                        param, opt = _shrink(param, opt, keep, cfg)
-                        y_act = y_act.index_select(0, torch.tensor(keep, dtype=torch.long,
-                                                                   device=y_act.device))
-                if active:
-                    prev = param.detach().clone()
-                    opt.step()
-                i += 1
-                device.iteration_boundary()          # XLA: cut the graph (no wait)
-                if on_iteration is not None:
-                    on_iteration(dict(iteration=i - 1, particles=members))
-    return z_out, results
+            values = loss.detach().tolist()
+            keep, stopped = [], False
+            for row, (pos, value) in enumerate(zip(active, values)):
+                r, hist = results[pos], history[pos]
+                if with_grad:
+                    r.decoder_forward_backward += 1
+                else:
+                    r.decoder_forward_only += 1
+                if i == 0:
+                    r.loss_before = value
+                reason = _stop_reason(value, i, hist, setup.eps2, setup.noise_level, setup.window,
+                                      caps[pos], cap_reasons[pos])
+                hist.append(value)
+                if reason is None:
+                    keep.append(row)
+                    continue
+                stopped = True
+                r.stop_reason, r.iterations = reason, i
+                if reason == "nonfinite" and i > 0:
+                    r.loss_after, z_out[pos] = hist[i - 1], prev[row]
+                else:
+                    r.loss_after = value if reason != "nonfinite" else None
+                    z_out[pos] = param.detach()[row]
+            if stopped:
+                active = [active[row] for row in keep]
+                if keep:
+                    param, opt = _shrink(param, opt, keep, cfg)
+                    y_act = y_act.index_select(0, torch.tensor(keep, dtype=torch.long,
+                                                               device=y_act.device))
+            if active:
+                prev = param.detach().clone()
+                opt.step()
+            i += 1
+            device.iteration_boundary()          # XLA: cut the graph (no wait)
+            if on_iteration is not None:
+                on_iteration(dict(iteration=i - 1, particles=members))
 
 
 def _stop_reason(value: float, i: int, hist: list[float], eps2: float, noise_level: float | None,
