@@ -294,3 +294,26 @@ def test_static_compile_matches_eager_at_each_batch_size(tiny):
             assert torch.allclose(loss, eager[n][1], rtol=1e-5), n
     finally:
         unwrap_model(model)
+
+
+def test_compiled_run_prewarms_its_shapes_before_the_first_measurement(tmp_path, monkeypatch):
+    """compile=static runs the pre-warm (treedaps/prewarm.py) before the first measurement: every
+    batch size exp 4 meets (4 particles, 2 after pruning, optimiser active sets 2 and 1) is built
+    there, and it is recorded in metadata.precision.prewarm. torch.compile is replaced by the
+    identity here (a real CPU compile of each size takes minutes; the slow test above compiles)."""
+    from conftest import make_cfg  # noqa: PLC0415
+    from treedaps.runner import Experiment  # noqa: PLC0415
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    before = read_flags()
+    try:
+        out = Experiment(make_cfg(tmp_path, "experiment=exp4", "compile=true", "data.end_id=1",
+                                  "search.optimization.max_iters=3", "save_grids=false",
+                                  "save_samples=false")).run()
+    finally:
+        restore_flags(before)
+    meta = out["metadata"]["precision"]
+    assert meta["compile"] == "static"
+    shapes = meta["prewarm"]["shapes"]
+    assert any(s.endswith("at 4->2") for s in shapes), shapes
+    assert [s for s in shapes if s.startswith("optimiser")] == ["optimiser at 2", "optimiser at 1"]
+    assert meta["prewarm"]["seconds"] > 0

@@ -1,4 +1,6 @@
-"""Shape pre-warm on XLA (``xla_prewarm=true``): compile a run's graphs before its first measurement.
+"""Shape pre-warm: compile a run's graphs before its first measurement, on XLA (``xla_prewarm=true``)
+and under ``compile=static|dynamic`` (always: torch.compile builds one graph per batch size for
+``static``, whose compile took 37 s per size on an H200; docs/benchmarks.md).
 
 XLA compiles a graph the first time it meets a sequence of operations with given shapes
 (docs/tpu.md, "Compilation"); without a pre-warm that happens inside the first measurement, whose
@@ -31,8 +33,15 @@ log = logging.getLogger("treedaps")
 DUMMY_IMAGE = 2 ** 31 - 1      # image index of the dummy measurement (keys its particle streams)
 
 
-def compile_count() -> int | None:
-    """XLA's compilations so far in this process (``torch_xla.debug.metrics``), or None."""
+def compile_count(kind: str = "xla") -> int | None:
+    """Compilations so far in this process: XLA's (``torch_xla.debug.metrics``) or, for any other
+    device, the graphs torch.compile built (dynamo's ``unique_graphs``); None if unknown."""
+    if kind != "xla":
+        try:
+            from torch._dynamo.utils import counters  # noqa: PLC0415
+        except ImportError:
+            return None
+        return int(counters["stats"]["unique_graphs"])
     try:
         import torch_xla.debug.metrics as met  # noqa: PLC0415 - TPU only
         data = met.metric_data("CompileTime")
@@ -55,7 +64,7 @@ def prewarm(experiment, measurements: int) -> dict:
                                 int(cfg.num_samples), model.latent_shape, s.annealing.sigma_max, dev)
     telemetry = Telemetry(dev, model, s.operator, gt, s.thresholds, bool(cfg.telemetry.diagnostics),
                           bool(cfg.telemetry.pairwise_matrices))
-    compiled0, t0 = compile_count(), time.perf_counter()
+    compiled0, t0 = compile_count(dev.kind), time.perf_counter()
     shapes, seen, opt_rows = [], set(), None
     dev.synchronize()
     try:
@@ -92,7 +101,7 @@ def prewarm(experiment, measurements: int) -> dict:
     finally:
         telemetry.close()
     seconds = time.perf_counter() - t0
-    compiled = compile_count()
+    compiled = compile_count(dev.kind)
     record = dict(shapes=shapes, seconds=seconds, measurements=measurements,
                   compilations=None if compiled is None or compiled0 is None else compiled - compiled0)
     log.info("pre-warm: %d shapes in %.1f s (%s%s)", len(shapes), seconds, "; ".join(shapes),

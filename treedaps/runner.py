@@ -112,8 +112,8 @@ class Experiment:
         todo = self.units()
         self._log_resume(todo)
         batch = self.batch_size(len(todo))
-        if self.device.xla.prewarm and todo:      # XLA: compile before the first measurement's clock
-            self.prewarm_record = prewarm(self, min(batch, len(todo)))
+        if (self.device.xla.prewarm or self.precision.compile != "off") and todo:
+            self.prewarm_record = prewarm(self, min(batch, len(todo)))   # compile before the first clock
         show = bool(self.cfg.progress) and self.rank.is_main
         bar = tqdm(total=len(todo), desc="measurements", disable=not show, dynamic_ncols=True)
         for start in range(0, len(todo), batch):
@@ -224,7 +224,9 @@ class Experiment:
         units = [u for u in self.run_dir.load_units()
                  if lo <= u["index"] < hi and u["seed"] in self.settings.seeds]
         metadata = dict(
-            device=self.device.describe(), precision=self.precision.describe(),
+            device=self.device.describe(),
+            precision=dict(self.precision.describe(), prewarm=getattr(self, "prewarm_record", None)
+                           if self.precision.compile != "off" else None),
             batch_size=dict(config=self.cfg.batch_size, probe=getattr(self, "batch_probe", None)),
             gpu=record.gpu_peaks(units, self.weights_mb),
             git_revision=git_revision(), config_hash=self.config_hash, name=str(self.cfg.name),
