@@ -24,7 +24,8 @@ from treedaps.sampler import sample
 from treedaps.schedules import AnnealingConfig, ODEConfig
 
 # noise_factor 3: on image 0 the two optimised particles stop by "noise" at iterations 18 and 29
-EXP4 = ["experiment=exp4", "optimization.max_iters=30", "optimization.noise_aware=true", "optimization.noise_factor=3.0",
+EXP4 = ["experiment=exp4", "search.optimization.max_iters=30", "search.optimization.noise_aware=true",
+        "search.optimization.noise_factor=3.0",
         "save_samples=false", "save_grids=false", "eval_fn_list=[psnr]", "data.end_id=2"]
 
 
