@@ -73,6 +73,15 @@ def test_bf16_mode_lets_math_attention_reduce_in_bf16():
         with precision_flags(mode):
             assert read_flags()["bf16_math_attention"] is (mode == "bf16")
     assert read_flags() == before
+    # the flag is the one the math kernel reads (the decoder's 512-wide head always lands there)
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+    q, k, v = torch.randn(3, 2, 1, 64, 512, generator=torch.Generator().manual_seed(0)).bfloat16()
+    outs = {}
+    for mode in ("daps", "bf16"):
+        with precision_flags(mode), sdpa_kernel(SDPBackend.MATH):
+            outs[mode] = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+    diff = float((outs["daps"] - outs["bf16"]).abs().max())
+    assert 0 < diff < 0.05, diff       # bf16 rounding of the products, not another result
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
