@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dft import highest_xla_precision
+
 log = logging.getLogger("treedaps")
 CUBLAS_WORKSPACE = ":4096:8"     # what cuBLAS needs for reproducible results (CUDA docs, "Reproducibility")
 
@@ -282,7 +284,9 @@ def select_device(device: str = "auto", gpu: int | None = None, use_tpu: bool = 
 def _resolve(device: str, gpu: int | None, use_tpu: bool) -> Device:
     if use_tpu:
         xm = _import_xla()
-        return Device("xla", xm.xla_device(), xm)
+        dev = Device("xla", xm.xla_device(), xm)
+        highest_xla_precision()           # before any graph: the DFT operator needs f32 products
+        return dev
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":

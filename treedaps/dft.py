@@ -20,9 +20,11 @@ of ``abs`` of a complex number: 0 where the amplitude is 0 (``safe_amplitude``).
 Precision: on a TPU an f32 matmul runs by default as one bf16 pass (~3 significant digits), far
 too coarse for a DFT of 384 terms. torch_xla sets the precision of every dot and convolution
 process-wide, when a graph is lowered (``torch_xla.backends.set_mat_mul_precision``; there is no
-per-operation setting in 2.9), so ``xla_amplitude`` raises it to ``highest`` (6 bf16 passes, ~f32)
-for the whole process at its first call, with one log line. This also makes the decoder's and the
-denoiser's matmuls f32 on a TPU, as ``precision=daps`` (TF32 off) makes them on a GPU.
+per-operation setting in 2.9), so ``highest_xla_precision`` raises it to ``highest`` (6 bf16
+passes, ~f32) for the whole process: ``device.select_device`` calls it when it creates the XLA
+device, before any graph exists, so every graph of the run is lowered alike (``xla_amplitude``
+checks again). This also makes the decoder's and the denoiser's matmuls f32 on a TPU, as
+``precision=daps`` (TF32 off) makes them on a GPU; its cost on a TPU is not measured yet.
 """
 from __future__ import annotations
 
@@ -80,15 +82,21 @@ def amplitude(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 def xla_amplitude(x: torch.Tensor, pad: int) -> torch.Tensor:
     """``amplitude`` on an XLA device, after making sure its matmuls run at ``highest`` precision."""
-    _highest_xla_precision()
+    highest_xla_precision()
     return amplitude(x, pad)
 
 
-def _highest_xla_precision() -> None:
-    """torch_xla's process-wide f32 matmul precision -> 'highest' (once; see the module docstring)."""
-    import torch_xla.backends as backends  # noqa: PLC0415 - XLA runs only
-
-    if backends.get_mat_mul_precision() != "highest":
-        log.warning("phase retrieval on XLA: f32 matmul precision %s -> highest (process-wide, "
-                    "for the DFT as matrix products; docs/tpu.md)", backends.get_mat_mul_precision())
+def highest_xla_precision() -> str | None:
+    """torch_xla's process-wide f32 matmul precision -> 'highest' (see the module docstring);
+    returns the precision now in force, or None where this torch_xla has no such setting."""
+    try:
+        import torch_xla.backends as backends  # noqa: PLC0415 - XLA runs only
+        current = backends.get_mat_mul_precision()
+    except (ImportError, AttributeError):
+        return None
+    if current != "highest":
+        log.info("XLA: f32 matmul precision %s -> highest (process-wide; the phase-retrieval DFT runs as "
+                 "matrix products; docs/tpu.md)", current)
         backends.set_mat_mul_precision("highest")
+    return "highest"
+
