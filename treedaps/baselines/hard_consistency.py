@@ -29,7 +29,7 @@ import torch
 
 from ..device import Device
 from ..search.consistency import OptimizationConfig
-from ..search.optimizer import optimize_latents   # the only import of it
+from ..search.optimizer import _new_optimizer, _shrink, optimize_latents, row_losses
 from .settings import COUPLINGS
 
 
@@ -57,13 +57,13 @@ def optimize_coupled(z_start: torch.Tensor, y: torch.Tensor, decode: Callable, o
     rows_of = [p for g in active for p in g]                # batch position of each row of ``param``
     param = z_start.detach()[rows_of].clone().requires_grad_(True)
     y_act = y.detach()[rows_of]
-    opt = torch.optim.AdamW([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _new_optimizer(param, cfg)
     history: list[list[float]] = [[] for _ in active]
     for i in range(int(cfg.max_iters)):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            per_row = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
+            per_row = row_losses(param, y_act, decode, operator)
             offsets, losses = 0, []
             for g in active:                                # one MSE over the measurement's entries
                 losses.append(per_row[offsets:offsets + len(g)].mean())
@@ -94,7 +94,7 @@ def optimize_coupled(z_start: torch.Tensor, y: torch.Tensor, decode: Callable, o
         if len(keep_groups) < len(active):
             if not keep_groups:
                 return z_out, rows
-            param, opt = _slice(param, opt, keep_rows, cfg)
+            param, opt = _shrink(param, opt, keep_rows, cfg)
             y_act = y_act[keep_rows]
             history = [h for g, h in zip(active, history) if g in keep_groups]
             active = keep_groups
@@ -116,18 +116,6 @@ def _stop(value: float, i: int, hist: list[float], cfg: OptimizationConfig) -> s
     if value < cfg.eps ** 2:
         return "eps"
     return ""
-
-
-def _slice(param: torch.Tensor, opt: torch.optim.AdamW, rows: list[int],
-           cfg: OptimizationConfig) -> tuple[torch.Tensor, torch.optim.AdamW]:
-    """Keep ``rows`` of the parameter and of AdamW's moment estimates (elementwise state)."""
-    index = torch.tensor(rows, dtype=torch.long, device=param.device)
-    new = param.detach().index_select(0, index).clone().requires_grad_(True)
-    new_opt = torch.optim.AdamW([new], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = opt.state.get(param, {})
-    new_opt.state[new] = {k: (v.index_select(0, index).clone() if torch.is_tensor(v) and v.shape == param.shape
-                              else (v.clone() if torch.is_tensor(v) else v)) for k, v in state.items()}
-    return new, new_opt
 
 
 def optimize(start: torch.Tensor, y: torch.Tensor, decode: Callable, operator: Callable,

@@ -101,6 +101,26 @@ class Setup:
         return cls(caps, cap_reasons, cfg.noise_factor * sigma ** 2 if cfg.noise_aware else None,
                    cfg.eps ** 2, int(cfg.plateau_window), z_start.detach().clone(), results, active)
 
+    def start_rows(self, z_start, y, cfg) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.optim.AdamW]:
+        """(batch positions of the rows, the parameter, their measurements, its AdamW) to start from."""
+        rows = list(self.active)
+        index = torch.tensor(rows, dtype=torch.long, device=z_start.device)
+        param = z_start.detach().index_select(0, index).clone().requires_grad_(True)
+        return rows, param, y.detach().index_select(0, index.to(y.device)), _new_optimizer(param, cfg)
+
+    def charge(self, rows: list[int], with_grad: bool) -> None:
+        """One decoder pass to each particle of ``rows`` (forward+backward or forward only)."""
+        for pos in rows:
+            if with_grad:
+                self.results[pos].decoder_forward_backward += 1
+            else:
+                self.results[pos].decoder_forward_only += 1
+
+
+def row_losses(param: torch.Tensor, y: torch.Tensor, decode: Callable, operator: Callable) -> torch.Tensor:
+    """Per-row objective mean |A(D(z)) - y|^2 of the optimiser, shape (rows,)."""
+    return (operator(decode(param)) - y).pow(2).flatten(1).mean(1)
+
 
 def optimize_latents(z_start: torch.Tensor, y: torch.Tensor, decode: Callable, operator: Callable,
                      cfg: OptimizationConfig, device: Device, ids: list[int] | None = None,
@@ -137,12 +157,8 @@ def optimize_latents(z_start: torch.Tensor, y: torch.Tensor, decode: Callable, o
 def _run_host(setup: Setup, z_start, y, decode, operator, cfg, device, on_iteration) -> None:
     """The host rule: every iteration reads the active losses and drops the rows that stop."""
     caps, cap_reasons, results, z_out = setup.caps, setup.cap_reasons, setup.results, setup.z_out
-    active = list(setup.active)                 # batch positions of the rows of ``param``
+    active, param, y_act, opt = setup.start_rows(z_start, y, cfg)   # active: batch positions of the rows
     history: dict[int, list[float]] = {pos: [] for pos in active}
-    index = torch.tensor(active, dtype=torch.long, device=z_start.device)
-    param = z_start.detach().index_select(0, index).clone().requires_grad_(True)
-    y_act = y.detach().index_select(0, index.to(y.device))
-    opt = _new_optimizer(param, cfg)
     prev = param.detach().clone()
     i = 0
     with torch.enable_grad():
@@ -151,20 +167,17 @@ def _run_host(setup: Setup, z_start, y, decode, operator, cfg, device, on_iterat
             with_grad = any(i < caps[pos] for pos in active)
             if with_grad:
                 opt.zero_grad(set_to_none=True)
-                loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
+                loss = row_losses(param, y_act, decode, operator)
                 # One backward per decoder pass under autograd, always (telemetry counts so).
                 loss.sum().backward()
             else:                               # every active particle is at its cap
                 with torch.no_grad():
-                    loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
+                    loss = row_losses(param, y_act, decode, operator)
+            setup.charge(active, with_grad)
             values = loss.detach().tolist()
             keep, stopped = [], False
             for row, (pos, value) in enumerate(zip(active, values)):
                 r, hist = results[pos], history[pos]
-                if with_grad:
-                    r.decoder_forward_backward += 1
-                else:
-                    r.decoder_forward_only += 1
                 if i == 0:
                     r.loss_before = value
                 reason = _stop_reason(value, i, hist, setup.eps2, setup.noise_level, setup.window,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .optimizer import Setup, _new_optimizer, _shrink
+from .optimizer import Setup, _shrink, row_losses
 
 # Stop codes on the device, in the host rule's order of precedence; 5 = the particle's cap reason.
 CODES = {1: "nonfinite", 2: "eps", 3: "noise", 4: "plateau"}
@@ -101,12 +101,8 @@ def run_masked(setup: Setup, z_start, y, decode, operator, cfg, device, sync_eve
     """The device rule (module docstring); fills ``setup.results`` and ``setup.z_out``."""
     if sync_every < 1:
         raise ValueError(f"sync_every must be >= 1, got {sync_every}")
-    caps, results = setup.caps, setup.results
-    rows = list(setup.active)                    # batch positions of the rows of ``param``
-    index = torch.tensor(rows, dtype=torch.long, device=z_start.device)
-    param = z_start.detach().index_select(0, index).clone().requires_grad_(True)
-    y_act = y.detach().index_select(0, index.to(y.device))
-    opt = _new_optimizer(param, cfg)
+    caps = setup.caps
+    rows, param, y_act, opt = setup.start_rows(z_start, y, cfg)   # rows: batch positions of param's rows
     prev = param.detach().clone()
     st = it = None
     i = 0
@@ -115,7 +111,7 @@ def run_masked(setup: Setup, z_start, y, decode, operator, cfg, device, sync_eve
             with_grad = any(i < caps[pos] for pos in rows)
             if with_grad:
                 opt.zero_grad(set_to_none=True)
-                loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
+                loss = row_losses(param, y_act, decode, operator)
                 if st is None:
                     dtype = loss.dtype
                     st = RowState.start([caps[p] for p in rows], setup.window, param.device, dtype)
@@ -126,12 +122,8 @@ def run_masked(setup: Setup, z_start, y, decode, operator, cfg, device, sync_eve
                 torch.where(st.running, loss, torch.zeros_like(loss)).sum().backward()
             else:                                # every row is at its cap: all stop now
                 with torch.no_grad():
-                    loss = (operator(decode(param)) - y_act).pow(2).flatten(1).mean(1)
-            for pos in rows:
-                if with_grad:
-                    results[pos].decoder_forward_backward += 1
-                else:
-                    results[pos].decoder_forward_only += 1
+                    loss = row_losses(param, y_act, decode, operator)
+            setup.charge(rows, with_grad)
             with torch.no_grad():
                 back = _update(st, loss.detach(), i, it, lt_eps, le_noise, setup.window)
                 param.copy_(torch.where(_rows(back, param), prev, param))
