@@ -22,8 +22,8 @@ too coarse for a DFT of 384 terms. torch_xla sets the precision of every dot and
 process-wide, when a graph is lowered (``torch_xla.backends.set_mat_mul_precision``; there is no
 per-operation setting in 2.9), so ``highest_xla_precision`` raises it to ``highest`` (6 bf16
 passes, ~f32) for the whole process: ``device.select_device`` calls it when it creates the XLA
-device, before any graph exists, so every graph of the run is lowered alike (``xla_amplitude``
-checks again). This also makes the decoder's and the denoiser's matmuls f32 on a TPU, as
+device, before any graph exists, so every graph of the run is lowered alike (the DFT matrices,
+built once per size and device, check again). This also makes the decoder's and the denoiser's matmuls f32 on a TPU, as
 ``precision=daps`` (TF32 off) makes them on a GPU; its cost on a TPU is not measured yet.
 """
 from __future__ import annotations
@@ -48,6 +48,8 @@ def _matrices(h: int, w: int, pad: int, device: torch.device) -> tuple[torch.Ten
     """(left, right) real factors of the two products above, float32 on ``device``, cached."""
     key = (h, w, pad, str(device))
     if key not in _MATRICES:
+        if device.type == "xla":         # once per size and device, not per evaluation
+            highest_xla_precision()
         mh, mw = shifted_dft_matrix(h, pad), shifted_dft_matrix(w, pad).T
         left = torch.cat([mh.real, mh.imag], dim=0)                        # (2 n_H, H)
         right = torch.cat([torch.cat([mw.real, mw.imag], dim=1),
@@ -78,12 +80,6 @@ def safe_amplitude(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
 def amplitude(x: torch.Tensor, pad: int) -> torch.Tensor:
     """|fftshift(FFT_ortho(ifftshift(pad(x))))| by matmuls, on any device (float32)."""
     return safe_amplitude(*spectrum_re_im(x, pad))
-
-
-def xla_amplitude(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """``amplitude`` on an XLA device, after making sure its matmuls run at ``highest`` precision."""
-    highest_xla_precision()
-    return amplitude(x, pad)
 
 
 def highest_xla_precision() -> str | None:

@@ -31,8 +31,6 @@ def phase_retrieval(x: torch.Tensor, pad: int, method: str = "auto") -> torch.Te
     if method == "auto":
         method = "matmul" if x.device.type == "xla" else "fft"
     if method == "matmul":
-        if x.device.type == "xla":
-            return dft.xla_amplitude(x * 0.5 + 0.5, pad)
         return dft.amplitude(x * 0.5 + 0.5, pad)
     if method != "fft":
         raise ValueError(f"phase_retrieval method must be auto, fft or matmul, got {method!r}")
