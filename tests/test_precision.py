@@ -101,6 +101,24 @@ def test_nearest2x_is_interpolate_and_its_gradient_a_block_sum(channels_last):
     assert torch.equal(gb, g.view(3, 5, 7, 2, 6, 2).sum(dim=(3, 5)))
 
 
+def test_swapped_upsampler_keeps_an_explicit_output_size():
+    """The UNet passes Upsample2D an output size when a down-sampling did not halve evenly: the
+    swapped layer then interpolates to that size, exactly as diffusers' own layer does."""
+    from diffusers.models.upsampling import Upsample2D  # noqa: PLC0415
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Upsample2D(4, use_conv=True))
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        ref = [net[0](x), net[0](x, (11, 11))]
+        assert swap_upsamplers(net) == 1
+        try:
+            out = [net[0](x), net[0](x, (11, 11)), net[0](x, output_size=(11, 11))]
+        finally:
+            restore_upsamplers(net)
+    assert torch.equal(out[0], ref[0]) and out[0].shape[-1] == 10
+    assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[1]) and out[1].shape[-1] == 11
+
+
 @needs_fixtures
 def test_swapped_upsamplers_decode_the_same(tiny):
     """compile routes the decoder's upsampling through nearest2x: same image, same gradient (to

@@ -169,8 +169,14 @@ def nearest2x(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _nearest2x_hook(module, args):
-    return (nearest2x(args[0]), *args[1:])
+def _nearest2x_hook(module, args, kwargs):
+    """Upsample2D's own interpolation, done before it (its ``interpolate`` is off): ``nearest2x``,
+    or ``F.interpolate`` to ``output_size`` when the caller passes one (the UNet does for latents
+    whose size a down-sampling did not halve evenly)."""
+    x, rest = args[0], args[1:]
+    size = rest[0] if rest else kwargs.get("output_size")
+    x = nearest2x(x) if size is None else torch.nn.functional.interpolate(x, size=size, mode="nearest")
+    return (x, *rest), kwargs
 
 
 def _swappable_upsamplers(network: nn.Module) -> list[nn.Module]:
@@ -188,7 +194,7 @@ def swap_upsamplers(network: nn.Module) -> int:
     layers = _swappable_upsamplers(network)
     for m in layers:
         m.interpolate = False
-        vars(m)[_UPSAMPLE_HOOK] = m.register_forward_pre_hook(_nearest2x_hook)
+        vars(m)[_UPSAMPLE_HOOK] = m.register_forward_pre_hook(_nearest2x_hook, with_kwargs=True)
     return len(layers)
 
 
