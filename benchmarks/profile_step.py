@@ -3,8 +3,9 @@
     python benchmarks/profile_step.py --out $OUT           on the GPU machine (full-size FFHQ LDM)
     python benchmarks/profile_step.py --smoke --out /tmp/p  on a CPU, tiny model: checks the script
 
-For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same with compile=static and
-with compile=dynamic, as treedaps/precision.py prepares them), the median step time
+For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same with compile=static,
+with cuda_graphs too, without channels_last, and with compile=dynamic, as treedaps/precision.py
+prepares them; ``--only`` picks some), the median step time
 (CUDA events) and a torch.profiler table of the kernels: time per kernel class (convolution, matrix
 product, normalisation, element-wise, attention, FFT, copies / casts) and the top kernels. The
 answer to "which kernels limit the fast path" of docs/benchmarks.md. Details in <out>/profile.json.
@@ -74,6 +75,7 @@ def main() -> int:
     res: dict = {"device": b.dev.describe()["name"], "torch": torch.__version__, "variants": {}}
     variants = [("daps", Precision("daps")), ("bf16_cl", Precision("bf16", channels_last=True)),
                 ("bf16_cl_static", Precision("bf16", compile="static", channels_last=True)),
+                ("bf16_cl_static_cg", Precision("bf16", compile="static", channels_last=True, cuda_graphs=True)),
                 ("bf16_static", Precision("bf16", compile="static")),
                 ("bf16_cl_dynamic", Precision("bf16", compile="dynamic", channels_last=True))]
     repeat, warm = (2, 1) if args.smoke else (20, 5)

@@ -6,13 +6,18 @@
 The network is the full-size FFHQ LDM of configs/model/ffhq256ldm.yaml with random weights (the
 compute does not depend on the weight values), as benchmarks/gpu_check.py builds it. ``daps`` is
 exp 0's configuration (precision=daps, eager); ``fast`` is precision=bf16 + channels_last +
-compile=static (one graph per batch size; the first call of each size compiles). Sections (each guarded: a failure is recorded, the rest goes on):
+compile=static (one graph per batch size; the first call of each size compiles), and ``fast_cg``
+the same with cuda_graphs=true. The step section checks fast_cg against fast (the same gradient,
+and the same latents after 5 HMC iterations from the same state and noise: equal on the CPU, where
+Inductor runs the same kernels; a few iterations, as rounding differences grow along a trajectory) and the later sections use the faster
+of the two that passed (``chosen_fast`` in the JSON). Sections (each guarded: a failure is
+recorded, the rest goes on):
 
   step        one MCMC step (decode + phase-retrieval loss + backward) at batch 4 in every mode
               (fp32, daps, tf32, bf16, bf16+channels_last, fast): median of CUDA-event times after
               warm-up, peak memory (allocated / reserved, and above the weights), TFLOP/s from one
               FlopCounterMode count; compile time (first call of fast, forward + backward); the
-              compiled graph at batch 2 (after pruning)
+              compiled graph at batch 2 (after pruning); fast_cg's time and its check
   image       per image (one measurement, 4 particles, 50 annealing steps): exp 0 (Langevin 100) and
               exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast. Each kind of
               annealing step (explore / prune / refine / final) is run twice from the same input
@@ -21,8 +26,8 @@ compile=static (one graph per batch size; the first call of each size compiles).
   throughput  batch_size=auto for fast (the memory probe); images per GPU-hour of exp 0 under daps
               (batch 1) and of exp 4 under fast at the auto batch (its per-image time scaled by the
               MCMC-step time at 4 x batch particles over batch x the time at 4)
-  accuracy    10 measurements (images decoded from random latents), exp 0 with a short schedule,
-              daps vs fast on the same inputs: paired best-of-4 PSNR difference (mean, 95% bootstrap
+  accuracy    10 measurements (images decoded from random latents; run one at a time, so the
+              batch-4 graphs serve), exp 0 with a short schedule, daps vs fast on the same inputs: paired best-of-4 PSNR difference (mean, 95% bootstrap
               interval), share of identical mode labels, final measurement losses; target for the
               real network |mean delta| <= 0.1 dB and >= 90% identical labels
 The last lines printed are a table; details go to <out>/speed.json.
@@ -45,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from sections import print_table, run_sections  # noqa: E402 - benchmarks/sections.py
 from treedaps.config import validate  # noqa: E402
 from treedaps.device import select_device  # noqa: E402
-from treedaps.mcmc import latent_data_gradient  # noqa: E402
+from treedaps.mcmc import MCMCConfig, latent_data_gradient, run_mcmc  # noqa: E402
 from treedaps.models.ldm import CompVisLDM  # noqa: E402
 from treedaps.modes import ModeThresholds, label_modes  # noqa: E402
 from treedaps.operators import PhaseRetrieval  # noqa: E402
@@ -58,6 +63,7 @@ from treedaps.throughput import auto_batch_size, images_per_gpu_hour  # noqa: E4
 
 SHARED = ROOT.parent / "shared" / "fixtures" / "daps_ref"
 FAST = Precision("bf16", compile="static", channels_last=True)
+FAST_CG = Precision("bf16", compile="static", channels_last=True, cuda_graphs=True)
 MODES = {"fp32": Precision("fp32"), "daps": Precision("daps"), "tf32": Precision("tf32"),
          "bf16": Precision("bf16"), "bf16_cl": Precision("bf16", channels_last=True)}
 
@@ -65,14 +71,15 @@ MODES = {"fp32": Precision("fp32"), "daps": Precision("daps"), "tf32": Precision
 class Bench:
     """Model pair (eager for the modes, a deep copy wrapped once as ``fast``), inputs, clock."""
 
-    def __init__(self, smoke: bool, compile_: bool):
+    def __init__(self, smoke: bool, compile_: bool, cuda_graphs: bool = False, choose: bool = False):
         self.smoke = smoke
         self.dev = select_device("cpu" if smoke else "cuda")
         path = SHARED / "tiny_ffhq_ldm.yaml" if smoke else ROOT / "configs" / "model" / "ffhq256ldm.yaml"
         torch.manual_seed(0)
         cfg = OmegaConf.load(path)
         self.model = CompVisLDM(OmegaConf.to_container(cfg.ldm_config, resolve=False), "daps").to(self.dev.torch_device)
-        self.fast_precision = FAST if compile_ else Precision("bf16", channels_last=True)
+        self.choose = choose        # the step section may switch fast to fast_cg (cuda_graph_variant)
+        self.fast_precision = (FAST_CG if cuda_graphs else FAST) if compile_ else Precision("bf16", channels_last=True)
         self.fast = prepare_model(copy.deepcopy(self.model), self.fast_precision)
         size = self.model.image_shape[-1]
         self.op = PhaseRetrieval(2.0, size, 0.05)
@@ -150,14 +157,57 @@ def section_step(b: Bench, res: dict):
                                     **b.peak(fn))
         out["fast_smaller_batches_ms"] = {n: b.time_ms(step_fn(b.fast, b.op, z[:n], y[:n]), repeat, warm)
                                           for n in (2,)}
+    if b.choose:
+        out["cuda_graphs"] = cuda_graph_variant(b, z, y, flops, repeat, warm)
     m = out["modes"]
     out["speedup_fast_vs_daps"] = m["daps"]["ms"] / m["fast"]["ms"]
+    out["chosen_fast"] = b.fast_precision.describe()
     res["step"] = out
+    cg = out.get("cuda_graphs", {})
     return [("MCMC step b=4, ms: " + " / ".join(m), " / ".join(f"{v['ms']:.1f}" for v in m.values())),
+            ("cuda_graphs: step ms, check grad rel / HMC max|dz|, used", f"{cg.get('ms', float('nan')):.1f}, "
+             f"{cg.get('check_grad_rel_diff')} / {cg.get('check_max_abs_diff')}, {cg.get('chosen')}"),
             ("TFLOP/s daps / fast", f"{m['daps']['tflops']:.1f} / {m['fast']['tflops']:.1f}"),
-            ("step speed-up fast vs daps (target >= 3)", f"{out['speedup_fast_vs_daps']:.2f}x"),
+            ("step speed-up fastest fast vs daps (target >= 3)", f"{out['speedup_fast_vs_daps']:.2f}x"),
             ("compile (first call, fwd+bwd)", f"{out['compile_s']:.1f} s"),
             ("peak MB above weights daps / fast", f"{m['daps']['above_weights_mb']} / {m['fast']['above_weights_mb']}")]
+
+
+def hmc_end(model, b: Bench, z, y, iters: int = 5):
+    """Latents after ``iters`` HMC iterations of exp 0b's sampler from a fixed state and noise."""
+    g = torch.Generator(device=b.dev.torch_device).manual_seed(3)
+    cfg = MCMCConfig(algo="hmc", num_steps=iters, lr=1e-5, tau=0.01, momentum=0.9)
+    zt = z + 0.1 * torch.randn(z.shape, generator=g, device=z.device)
+    grad = latent_data_gradient(model.decode, b.op.loss, y)
+    out = run_mcmc(z, zt, torch.tensor(0.5, device=z.device), cfg.lr, grad,
+                   lambda: torch.randn(z.shape, generator=g, device=z.device), cfg, b.dev)
+    return out.z0y
+
+
+def cuda_graph_variant(b: Bench, z, y, flops: float, repeat: int, warm: int) -> dict:
+    """fast_cg (fast + cuda_graphs): step time and peak memory; its gradient and 5 HMC iterations
+    against fast's from the same state (a replay overwriting a buffer still in use would show); becomes
+    ``b.fast`` for the later sections if it is faster and the check passed."""
+    cg = prepare_model(copy.deepcopy(b.model), FAST_CG)
+    with precision_flags(FAST_CG.mode):
+        fn = step_fn(cg, b.op, z, y)
+        t = time.perf_counter()
+        fn()
+        b.dev.synchronize()
+        out = dict(compile_s=time.perf_counter() - t)
+        out["ms"] = b.time_ms(fn, repeat, warm)
+        out.update(tflops=flops / out["ms"] / 1e9, **b.peak(fn))
+        grads = [latent_data_gradient(m.decode, b.op.loss, y, clamp=None)(z)[0] for m in (b.fast, cg)]
+        ref, got = hmc_end(b.fast, b, z, y), hmc_end(cg, b, z, y)
+    diff, scale = float((ref - got).abs().max()), float(ref.abs().max())
+    gdiff = float((grads[0] - grads[1]).abs().max() / grads[0].abs().max())
+    out.update(check_grad_rel_diff=gdiff, check_max_abs_diff=diff, check_ref_max_abs=scale,
+               check_ok=bool(gdiff <= 1e-3 and diff <= 1e-3 * scale))
+    fast_ms = b.time_ms(step_fn(b.fast, b.op, z, y), repeat, warm)
+    out["chosen"] = bool(out["check_ok"] and out["ms"] < fast_ms)
+    if out["chosen"]:
+        b.fast, b.fast_precision = cg, FAST_CG
+    return out
 
 
 def experiment(name: str, smoke: bool):
@@ -255,14 +305,19 @@ def section_accuracy(b: Bench, res: dict):
     s = validate(cfg)
     outs = {}
     for name, model, p in (("daps", b.model, Precision("daps")), ("fast", b.fast, b.fast_precision)):
-        parts = Particles.start(y.to(b.dev.torch_device), list(range(m)), [42] * m, 4, model.latent_shape,
-                                s.annealing.sigma_max, b.dev)
-        with precision_flags(p.mode):
-            o = sample(model, b.op, parts, s.annealing.sigmas(), PhasePlan(steps, steps), s.ode, s.mcmc, b.dev)
-        images = o.images.float()
-        ref = gt[o.particles.measurement]
-        outs[name] = dict(psnr=psnr(ref, images).view(m, 4), loss=o.loss.view(m, 4),
-                          modes=[lab["mode"] for lab in label_modes(ref, images, ModeThresholds())])
+        psnrs, losses, modes = [], [], []
+        for i in range(m):             # one measurement (4 particles) at a time: the batch-4 graphs
+            parts = Particles.start(y[i:i + 1].to(b.dev.torch_device), [i], [42], 4, model.latent_shape,
+                                    s.annealing.sigma_max, b.dev)
+            with precision_flags(p.mode):
+                o = sample(model, b.op, parts, s.annealing.sigmas(), PhasePlan(steps, steps), s.ode, s.mcmc,
+                           b.dev)
+            images = o.images.float()
+            ref = gt[i:i + 1].expand_as(images)
+            psnrs.append(psnr(ref, images))
+            losses.append(o.loss)
+            modes += [lab["mode"] for lab in label_modes(ref, images, ModeThresholds())]
+        outs[name] = dict(psnr=torch.stack(psnrs), loss=torch.stack(losses), modes=modes)
     delta = (outs["fast"]["psnr"].max(1).values - outs["daps"]["psnr"].max(1).values).cpu()
     boot = torch.stack([delta[torch.randint(0, m, (m,), generator=g)].mean() for _ in range(2000)])
     same = statistics.fmean(a == c for a, c in zip(outs["fast"]["modes"], outs["daps"]["modes"]))
@@ -281,12 +336,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="speed_out")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: every section, tiny sizes")
-    ap.add_argument("--no-compile", action="store_true", help="fast = bf16 + channels_last, eager")
+    ap.add_argument("--fast", choices=("auto", "static", "cg", "eager"), default=None,
+                    help="the fast path: auto (default on a GPU: static, or cg where the step section "
+                         "finds it faster and equal), static, cg (cuda_graphs), eager (bf16 + channels_last, "
+                         "no compile; the default with --smoke)")
     ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    b = Bench(args.smoke, compile_=not (args.no_compile or args.smoke))
+    fast = args.fast or ("eager" if args.smoke else "auto")
+    b = Bench(args.smoke, compile_=fast != "eager", cuda_graphs=fast == "cg", choose=fast == "auto")
     res: dict = {"device": b.dev.describe(), "torch": torch.__version__, "weights_mb": b.weights_mb,
                  "fast": b.fast_precision.describe(), "errors": {}, "section_s": {}}
     rows: list[tuple[str, str]] = [("device", res["device"]["name"])]

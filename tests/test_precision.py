@@ -65,6 +65,52 @@ def test_compile_true_resolves_by_batch_size(batch, compile_, expected):
     assert Precision.from_config(cfg).compile == expected
 
 
+def test_cuda_graphs_need_static_shapes():
+    with pytest.raises(ValueError, match="cuda_graphs=true needs compile=static"):
+        Precision("bf16", compile="dynamic", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=true needs compile=static"):
+        Precision("bf16", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs must be true or false"):
+        Precision("bf16", compile="static", cuda_graphs="yes")
+    cfg = OmegaConf.create(dict(precision="bf16", compile=True, channels_last=True, batch_size=4, cuda_graphs=True))
+    p = Precision.from_config(cfg)
+    assert (p.compile, p.cuda_graphs) == ("static", True) and "cuda_graphs=True" in p.startup_line()
+    assert p.describe()["cuda_graphs"] is True
+
+
+def test_graph_safe_forward_hands_out_copies(monkeypatch):
+    """A CUDA graph replays into fixed buffers: the wrapper starts a step per call and copies the
+    outputs and the input's gradient out of them, so a later replay cannot change what the caller
+    holds. Stand-in for the graph: a forward that returns (and back-propagates into) one buffer."""
+    from treedaps import precision  # noqa: PLC0415
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    buffer = torch.zeros(2, 3)
+
+    class Replay(torch.autograd.Function):        # writes its output and its input's grad in `buffer`
+        @staticmethod
+        def forward(ctx, x):
+            buffer.copy_(2 * x)
+            return buffer.view_as(buffer)
+
+        @staticmethod
+        def backward(ctx, g):
+            buffer.copy_(2 * g)
+            return buffer.view_as(buffer)
+
+    run = precision._graph_safe(Replay.apply)
+    x1 = torch.ones(2, 3, requires_grad=True)
+    out1 = run(x1)
+    grad1 = torch.autograd.grad(out1.sum(), x1)[0]
+    x2 = torch.full((2, 3), 5.0, requires_grad=True)
+    out2 = run(x2)
+    torch.autograd.grad((3 * out2).sum(), x2)
+    assert torch.equal(out1.detach(), torch.full((2, 3), 2.0)) and torch.equal(grad1, torch.full((2, 3), 2.0))
+    assert torch.equal(out2.detach(), torch.full((2, 3), 10.0)) and len(steps) == 2
+    with torch.no_grad():
+        assert torch.equal(run(x1), torch.full((2, 3), 2.0)) and len(steps) == 3
+
+
 def test_bf16_mode_lets_math_attention_reduce_in_bf16():
     if "bf16_math_attention" not in read_flags():
         pytest.skip("torch < 2.5 has no allow_fp16_bf16_reduction_math_sdp")

@@ -13,12 +13,14 @@ import hashlib
 import json
 import math
 
-# Keys that select which measurements run or where/how results are written, not their numbers.
+# Keys that select which measurements run or where/how results are written, not their numbers
+# (``cuda_graphs`` replays the kernels that compile=static runs anyway).
 # The search block's copies of the flat flags (search/settings.py FLAGS; validated equal) are
 # counted once, as their flags.
 HASH_EXCLUDED = ("data.start_id", "data.end_id", "name", "save_dir", "gpu", "save_samples",
                  "save_grids", "progress", "report", "threads", "dist_timeout_min", "search.branch_timestep",
-                 "search.repulsion.scale", "search.pruning.step", "search.optimization.step")
+                 "search.repulsion.scale", "search.pruning.step", "search.optimization.step",
+                 "cuda_graphs")
 
 
 SEARCH_PARTS = ("repulsion", "pruning", "optimization")      # top-level blocks before issue 9

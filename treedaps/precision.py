@@ -24,7 +24,11 @@ per batch size (pruning 4 -> 2, each optimisation active-set size: a few graphs 
 compiled once per process; the fastest kernels: the H200 MCMC step took 48 ms static against 53 ms
 dynamic, whose group norms cannot specialise), ``dynamic`` one graph for every batch size (for
 ``batch_size`` > 1, where active sets take many sizes). ``compile=true`` in the config picks
-``static`` for one measurement per batch and ``dynamic`` otherwise. Under compile the decoder's
+``static`` for one measurement per batch (or with ``cuda_graphs``) and ``dynamic`` otherwise.
+``cuda_graphs=true`` (with ``static``) replays each graph as a CUDA graph (torch.compile's
+``reduce-overhead``): one launch instead of hundreds of kernel launches per call. A replay writes
+into the graph's own buffers, so the wrapper starts a new step at each call and copies the outputs
+and the input's gradient out (``_graph_safe``); on the CPU it changes nothing. Under compile the decoder's
 nearest-neighbour 2x upsampling is written as a broadcast (``nearest2x``): Inductor turns the
 backward of ``F.interpolate(mode="nearest")`` into an index_put with accumulation, 17 of the 48 ms
 of the compiled step on an H200; the broadcast's backward is a plain sum of each 2 x 2 block. The
@@ -59,6 +63,7 @@ class Precision:
     mode: str = "daps"
     compile: str = "off"        # off | static | dynamic (True = static, False = off)
     channels_last: bool = False
+    cuda_graphs: bool = False   # replay each static graph as a CUDA graph (needs compile=static)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -69,14 +74,20 @@ class Precision:
             raise ValueError(f"compile must be true, false, static or dynamic, got {self.compile!r}")
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last must be true or false, got {self.channels_last!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and self.compile != "static":
+            raise ValueError(f"cuda_graphs=true needs compile=static or true (a CUDA graph replays one "
+                             f"shape), got compile={self.compile}")
 
     @classmethod
     def from_config(cls, cfg) -> "Precision":
-        """``compile=true`` resolves to ``static`` for one measurement per batch, else ``dynamic``."""
-        compile_ = cfg.get("compile", False)
+        """``compile=true`` resolves to ``static`` for one measurement per batch or with
+        ``cuda_graphs``, else ``dynamic``."""
+        compile_, graphs = cfg.get("compile", False), cfg.get("cuda_graphs", False)
         if compile_ is True:
-            compile_ = "static" if cfg.get("batch_size", 1) == 1 else "dynamic"
-        return cls(str(cfg.get("precision", "daps")), compile_, cfg.get("channels_last", False))
+            compile_ = "static" if cfg.get("batch_size", 1) == 1 or graphs is True else "dynamic"
+        return cls(str(cfg.get("precision", "daps")), compile_, cfg.get("channels_last", False), graphs)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -91,7 +102,7 @@ class Precision:
         d = self.describe()
         return (f"precision: {self.mode} (tf32 matmul={d['tf32_matmul']} cudnn={d['tf32_cudnn']}, autocast "
                 f"{d['autocast'] or 'off'} for decoder and denoiser), compile={self.compile}, "
-                f"channels_last={self.channels_last}")
+                f"channels_last={self.channels_last}, cuda_graphs={self.cuda_graphs}")
 
 
 # -- global flags --------------------------------------------------------------------------------
@@ -155,6 +166,43 @@ def _wrapped_forward(forward, dtype: torch.dtype | None, channels_last: bool):
         with torch.autocast(x.device.type, dtype=dtype):
             out = forward(x, *args, **kwargs)
         return _to_float32(out)
+
+    return run
+
+
+class _CopyGrad(torch.autograd.Function):
+    """Identity whose backward hands on a copy of the gradient (see ``_graph_safe``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
+def _clone(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple):
+        return tuple(_clone(o) for o in out)
+    return out
+
+
+def _graph_safe(forward):
+    """A CUDA-graph-replayed forward that is safe to call like an eager one. A replay writes its
+    outputs (and its backward the input's gradient) into the graph's fixed buffers, which the next
+    replay overwrites; so each call starts a new step (``cudagraph_mark_step_begin``) and hands out
+    copies of the outputs and of the input's gradient (a few MB: images or latents, not
+    activations). The forward and its backward still run back to back, as everywhere here."""
+
+    @functools.wraps(forward)
+    def run(x, *args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        if x.requires_grad:
+            x = _CopyGrad.apply(x)
+        return _clone(forward(x, *args, **kwargs))
 
     return run
 
@@ -236,7 +284,10 @@ def prepare_model(model: nn.Module, precision: Precision) -> nn.Module:
         fwd = _wrapped_forward(eager, precision.autocast_dtype, precision.channels_last)
         if precision.compile != "off":
             swap_upsamplers(module)
-            fwd = torch.compile(fwd, dynamic=precision.compile == "dynamic")
+            if precision.cuda_graphs:
+                fwd = _graph_safe(torch.compile(fwd, mode="reduce-overhead", dynamic=False))
+            else:
+                fwd = torch.compile(fwd, dynamic=precision.compile == "dynamic")
         vars(module)[_EAGER] = vars(module).get("forward")
         module.forward = fwd
     return model
