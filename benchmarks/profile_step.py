@@ -7,7 +7,8 @@ For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same with 
 with cuda_graphs too, without channels_last, and with compile=dynamic, as treedaps/precision.py
 prepares them; ``--only`` picks some), the median step time
 (CUDA events) and a torch.profiler table of the kernels: time per kernel class (convolution, matrix
-product, normalisation, element-wise, attention, FFT, copies / casts) and the top kernels. The
+product, normalisation, element-wise, attention, FFT, copies / casts), the top kernels and the
+eager copy ops with their input shapes (where the compiled step's 27 aten copies come from). The
 answer to "which kernels limit the fast path" of docs/benchmarks.md. Details in <out>/profile.json.
 """
 from __future__ import annotations
@@ -42,9 +43,12 @@ def kernel_class(name: str) -> str:
     return "elementwise/other"
 
 
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::contiguous")
+
+
 def profile_fn(fn, cuda: bool, steps: int) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize() if cuda else None
@@ -57,8 +61,17 @@ def profile_fn(fn, cuda: bool, steps: int) -> dict:
     by_class: dict[str, float] = {}
     for name, ms, _ in rows:
         by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + ms
+    # which eager ops copy, on what shapes (the aten copies seen outside Inductor's own kernels;
+    # under CUDA graphs the ops are not seen, only the replayed kernels)
+    copies = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        t = getattr(e, "device_time_total", 0) if cuda else e.cpu_time_total
+        if e.key in COPY_OPS and t > 0:
+            copies.append(dict(op=e.key, shapes=str(e.input_shapes)[:200], ms=t / steps / 1000,
+                               calls=e.count // steps))
+    copies.sort(key=lambda r: -r["ms"])
     return dict(kernel_ms=sum(r[1] for r in rows), by_class=dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
-                top=[dict(name=n[:160], ms=ms, calls=c) for n, ms, c in rows[:15]])
+                top=[dict(name=n[:160], ms=ms, calls=c) for n, ms, c in rows[:15]], copies=copies[:12])
 
 
 def main() -> int:
@@ -106,6 +119,8 @@ def main() -> int:
               f"{v['kernel_ms']:.1f} ms: " + ", ".join(f"{k} {x:.1f}" for k, x in v["by_class"].items()))
         for r in v["top"][:8]:
             print(f"  {r['ms']:7.2f} ms x{r['calls']:<4} {r['name'][:110]}")
+        for r in v["copies"][:5]:
+            print(f"  copy op {r['ms']:7.2f} ms x{r['calls']:<4} {r['op']} {r['shapes'][:100]}")
     return 0
 
 

@@ -271,7 +271,7 @@ def section_image(b: Bench, res: dict):
 
 
 def section_throughput(b: Bench, res: dict):
-    n, probe = auto_batch_size(b.fast, b.op, b.dev, 4, 64)
+    n, probe = auto_batch_size(b.fast, b.op, b.dev, 4, 64, cuda_graphs=b.fast_precision.cuda_graphs)
     z, y = b.inputs(4 * n)
     with precision_flags(b.fast_precision.mode):
         t4 = b.time_ms(step_fn(b.fast, b.op, z[:4], y[:4]), 5, 2)
@@ -350,8 +350,8 @@ def main() -> int:
                  "fast": b.fast_precision.describe(), "errors": {}, "section_s": {}}
     rows: list[tuple[str, str]] = [("device", res["device"]["name"])]
     sections = [(name, lambda fn=fn: fn(b, res)) for name, fn in
-                (("step", section_step), ("image", section_image), ("throughput", section_throughput),
-                 ("accuracy", section_accuracy))]
+                (("step", section_step), ("image", section_image), ("accuracy", section_accuracy),
+                 ("throughput", section_throughput))]
     rows = run_sections(sections, args.only, res, out / "speed.json", rows)
     print_table(rows, "measure")
     return 1 if res["errors"] else 0

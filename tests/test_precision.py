@@ -203,6 +203,22 @@ def test_batch_size_auto_is_one_on_cpu_and_throughput_formula():
     assert images_per_gpu_hour(3, 0.0) is None
 
 
+def test_batch_size_auto_counts_cuda_graph_pools_twice(monkeypatch):
+    """The sizing arithmetic on a pretend card: 10 000 MB free + 1 000 MB cached, 1 000 MB per
+    measurement probed: 0.8 x 11 000 / 1 000 -> 8 measurements; with CUDA graphs, whose private pool
+    holds a second working set, 4."""
+    from treedaps import throughput  # noqa: PLC0415
+    monkeypatch.setattr(throughput, "probe_memory_mb", lambda *a: 1000.0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (10_000 * 2 ** 20, 80_000 * 2 ** 20))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 3_000 * 2 ** 20)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 2_000 * 2 ** 20)
+    dev = Device("cuda", torch.device("cuda"))
+    assert auto_batch_size(None, None, dev, 4, 64)[0] == 8
+    n, info = auto_batch_size(None, None, dev, 4, 64, cuda_graphs=True)
+    assert n == 4 and info["counted_mb_per_measurement"] == 2000.0 and info["probe_mb_per_measurement"] == 1000.0
+    assert auto_batch_size(None, None, dev, 4, 3)[0] == 3
+
+
 @pytest.fixture(scope="module")
 def tiny():
     if not FIX.is_dir():

@@ -130,7 +130,8 @@ class Experiment:
         if todo == 0:
             return 1
         n, self.batch_probe = auto_batch_size(self.model, self.settings.operator, self.device,
-                                              int(self.cfg.num_samples), todo)
+                                              int(self.cfg.num_samples), todo,
+                                              cuda_graphs=self.precision.cuda_graphs)
         return n
 
     def run_batch(self, units: list[tuple[int, int]], show: bool) -> None:
