@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf, open_dict
@@ -57,6 +59,7 @@ from treedaps.operators import PhaseRetrieval  # noqa: E402
 from treedaps.particles import Particles  # noqa: E402
 from treedaps.plan import PhasePlan, build_plan  # noqa: E402
 from treedaps.precision import Precision, attention_processors, precision_flags, prepare_model  # noqa: E402
+from treedaps.prewarm import prewarm  # noqa: E402
 from treedaps.sampler import daps_step, sample  # noqa: E402
 from treedaps.search import build_search  # noqa: E402
 from treedaps.throughput import auto_batch_size, images_per_gpu_hour  # noqa: E402
@@ -223,9 +226,12 @@ def experiment(name: str, smoke: bool):
 
 def time_image(b: Bench, model, name: str, precision: Precision) -> dict:
     """Per-image seconds of experiment ``name``: each kind of step timed once (after an untimed run
-    from the same state), extrapolated over the plan."""
+    from the same state), extrapolated over the plan. A compiled model is first pre-warmed as a run
+    is (treedaps/prewarm.py): the particles' streams move on between the two runs of a step, so the
+    timed one may meet an optimiser active-set size the first did not (on 2026-11-30 exp 4's final
+    step took 7.3 s untimed and 49.5 s timed, most likely a compile at a new size)."""
     cfg = experiment(name, b.smoke)
-    s = validate(cfg)
+    s = dataclasses.replace(validate(cfg), operator=b.op)     # the model's size (the tiny one with --smoke)
     plan = build_plan(s, model)
     hooks = build_search(s.search, model, b.op, s.mcmc.tau, b.dev)
     n = s.annealing.num_steps
@@ -236,6 +242,11 @@ def time_image(b: Bench, model, name: str, precision: Precision) -> dict:
             else "explore"
         kinds.setdefault(kind, []).append(step)
     _, y = b.inputs(1, seed=1)
+    warm = None
+    if precision.compile != "off":      # every shape the run meets, as a run's pre-warm does
+        with precision_flags(precision.mode):
+            warm = prewarm(SimpleNamespace(baseline=None, cfg=cfg, settings=s, device=b.dev, model=model,
+                                           plan=plan, hooks=hooks), 1)
     parts = Particles.start(y[:1], [0], [42], int(cfg.num_samples), model.latent_shape, s.annealing.sigma_max, b.dev)
     measured = {}
     with precision_flags(precision.mode):
@@ -253,7 +264,7 @@ def time_image(b: Bench, model, name: str, precision: Precision) -> dict:
                                   particles_out=len(parts))
     total = sum(measured[k]["s"] * len(v) for k, v in kinds.items())
     return dict(per_image_s=total, steps=n, kinds={k: len(v) for k, v in kinds.items()}, measured=measured,
-                precision=precision.mode, compile=precision.compile,
+                precision=precision.mode, compile=precision.compile, prewarm=warm,
                 method="each kind of step run twice from the same state, the second timed, x its count")
 
 
