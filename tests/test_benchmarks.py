@@ -1,0 +1,44 @@
+"""The GPU scripts run end to end on the CPU (``--smoke``: tiny CompVis fixture, eager), so a device
+call, whose minutes are few, does not fail on a broken script: every section of speed.py and two
+variants of profile_step.py, with their JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT.parent / "shared" / "fixtures" / "daps_ref"
+pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"DAPS reference fixtures not found at {FIX}")
+
+
+def _run(script: str, out: Path, *args: str) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_speed_smoke_runs_every_section(tmp_path):
+    _run("speed.py", tmp_path)
+    res = json.loads((tmp_path / "speed.json").read_text())
+    assert res["errors"] == {} and list(res["section_s"]) == ["step", "image", "accuracy", "throughput"]
+    modes = res["step"]["modes"]
+    assert set(modes) == {"fp32", "daps", "tf32", "bf16", "bf16_cl", "fast"} and all(m["ms"] > 0 for m in modes.values())
+    image = res["image"]
+    assert set(image) == {"exp0_daps", "exp0b_daps", "exp2_fast", "exp4_fast"}
+    assert image["exp2_fast"]["kinds"] == {"explore": 5, "prune": 1, "refine": 1, "final": 1}   # 8 steps, prune at t = 200
+    assert 0 < image["exp4_fast"]["fraction_of_exp0"] and image["exp4_fast"]["prewarm"] is None   # eager
+    acc = res["accuracy"]
+    assert acc["measurements"] == 4 and len(acc["delta_psnr"]) == 4 and 0 <= acc["identical_mode_share"] <= 1
+    assert res["throughput"]["auto_batch"] == 1 and res["throughput"]["ratio"] > 0
+
+
+def test_profile_smoke_lists_kernels_and_copies(tmp_path):
+    _run("profile_step.py", tmp_path, "--only", "daps", "bf16_cl")
+    res = json.loads((tmp_path / "profile.json").read_text())
+    for name in ("daps", "bf16_cl"):
+        v = res["variants"][name]
+        assert v["ms"] > 0 and v["top"] and "copies" in v
