@@ -78,6 +78,15 @@ def test_cuda_graphs_need_static_shapes():
     assert p.describe()["cuda_graphs"] is True
 
 
+def test_cuda_graphs_is_not_in_the_config_hash():
+    """CUDA graphs replay the kernels compile=static runs: a folder written with or without them, or
+    before the key existed, keeps its hash and resumes."""
+    from treedaps.hashing import config_hash  # noqa: PLC0415
+    base = {"precision": "bf16", "compile": "static", "seed": 42}
+    assert config_hash({**base, "cuda_graphs": True}) == config_hash({**base, "cuda_graphs": False}) == config_hash(base)
+    assert config_hash({**base, "compile": "off"}) != config_hash(base)
+
+
 def test_graph_safe_forward_hands_out_copies(monkeypatch):
     """A CUDA graph replays into fixed buffers: the wrapper starts a step per call and copies the
     outputs and the input's gradient out of them, so a later replay cannot change what the caller
@@ -319,7 +328,9 @@ def test_batch_shrinks_under_the_wrapped_networks(tiny):
 
 @pytest.mark.parametrize("override, message", [
     ("precision=fp16", "precision must be one of"), ("batch_size=0", "must be auto or an integer"),
-    ("batch_size=many", "must be auto or an integer"), ("compile=1", "compile must be true, false, static or dynamic")])
+    ("batch_size=many", "must be auto or an integer"), ("compile=1", "compile must be true, false, static or dynamic"),
+    ("cuda_graphs=true", "cuda_graphs=true needs compile=static"),
+    ("cuda_graphs=yes", "cuda_graphs must be true or false")])
 def test_config_refuses_bad_values(tmp_path, override, message):
     from conftest import make_cfg  # noqa: PLC0415
     from treedaps.config import ConfigError, validate  # noqa: PLC0415
