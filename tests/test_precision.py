@@ -417,3 +417,20 @@ def test_compiled_run_prewarms_its_shapes_before_the_first_measurement(tmp_path,
     assert any(s.endswith("at 4->2") for s in shapes), shapes
     assert [s for s in shapes if s.startswith("optimiser")] == ["optimiser at 2", "optimiser at 1"]
     assert meta["prewarm"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("overrides, warned", [(("compile=static", "batch_size=2"), True),
+                                               (("compile=true", "cuda_graphs=true", "batch_size=auto"), True),
+                                               (("compile=static",), False), (("compile=true", "batch_size=2"), False)])
+def test_static_graphs_with_several_measurements_warn(tmp_path, caplog, overrides, warned):
+    """Static graphs with several measurements per batch mean a graph per active-set size: said at
+    start-up, before the pre-warm compiles them (compile=true picks dynamic there, no warning)."""
+    from conftest import make_cfg  # noqa: PLC0415
+    from treedaps.runner import Experiment  # noqa: PLC0415
+    flags = read_flags()
+    try:
+        with caplog.at_level("WARNING", logger="treedaps"):
+            unwrap_model(Experiment(make_cfg(tmp_path, *overrides)).model)
+    finally:
+        restore_flags(flags)
+    assert any("one graph per particle count" in r.getMessage() for r in caplog.records) is warned

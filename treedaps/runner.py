@@ -26,7 +26,7 @@ from .models import build_model
 from .modes import label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
-from .precision import Precision, apply_flags, prepare_model
+from .precision import RECOMPILE_LIMIT, Precision, apply_flags, prepare_model
 from .prewarm import prewarm
 from .results import RunDir, atomic_write_json, git_revision, save_unit_pictures, unit_name
 from .rng import measurement_generator
@@ -54,6 +54,12 @@ class Experiment:
         apply_flags(self.precision.mode)          # global, like the determinism flags
         log.info("%s", self.device.startup_line())
         log.info("%s", self.precision.startup_line())
+        if self.precision.compile == "static" and cfg.batch_size != 1:
+            log.warning("WARNING: compile=static with batch_size=%s builds and pre-warms one graph per particle "
+                        "count the run meets, and the optimiser's active sets take every count up to the "
+                        "batch's particles (each graph ~35 s for the full-size decoder on an H200; past %d, "
+                        "dynamo runs the rest eagerly); batch_size=1, or compile=dynamic without cuda_graphs, "
+                        "keeps it to a few", cfg.batch_size, RECOMPILE_LIMIT)
         # Data and checkpoint checks come before any heavy work (the toy prior is cheap to build).
         if cfg.data.name == "demo":
             self.model = build_model(cfg.model, self.device)
