@@ -19,26 +19,36 @@ Modes (config ``precision``):
 
 On the CPU the TF32 flags are no-ops and bf16 autocast works (slowly), so every mode runs in tests.
 
-``compile`` wraps each network's ``forward`` in ``torch.compile``: ``static`` compiles one graph
-per batch size (pruning 4 -> 2, each optimisation active-set size: a few graphs per run, each
-compiled once per process; the fastest kernels: the H200 MCMC step took 48 ms static against 53 ms
-dynamic, whose group norms cannot specialise), ``dynamic`` one graph for every batch size (for
-``batch_size`` > 1, where active sets take many sizes). ``compile=true`` in the config picks
-``static`` for one measurement per batch (or with ``cuda_graphs``) and ``dynamic`` otherwise.
-``cuda_graphs=true`` (with ``static``) replays each graph as a CUDA graph (torch.compile's
-``reduce-overhead``): one launch instead of hundreds of kernel launches per call. A replay writes
-into the graph's own buffers, so the wrapper starts a new step at each call and copies the outputs
-and the input's gradient out (``_graph_safe``); on the CPU it changes nothing. Under compile the decoder's
-nearest-neighbour 2x upsampling is written as a broadcast (``nearest2x``): Inductor turns the
-backward of ``F.interpolate(mode="nearest")`` into an index_put with accumulation, 17 of the 48 ms
-of the compiled step on an H200; the broadcast's backward is a plain sum of each 2 x 2 block. The
-forward values are the same copies; the gradient sums the same four numbers, possibly in another
-order. The wrapper replaces ``module.forward`` only, so forward hooks (telemetry's compute
-counters) still run eagerly around it. ``channels_last`` stores the networks' weights and their
-inputs in NHWC, what cuDNN's tensor-core convolutions prefer. Attention: the decoder's mid block
-and the UNet's attention layers are diffusers ``Attention`` modules with ``AttnProcessor2_0``,
-i.e. ``F.scaled_dot_product_attention``; which SDPA kernels may run is set by ``deterministic``
-(device.py: math only when true).
+``compile`` wraps each network's ``forward`` in ``torch.compile``.
+
+* ``static`` compiles one graph per batch size: pruning 4 -> 2 and each optimisation active-set
+  size, a few graphs per run, each compiled once per process. It has the fastest kernels: before
+  the fixes below, the H200 MCMC step took 48 ms static against 53 ms dynamic, whose group norms
+  cannot specialise.
+* ``dynamic`` compiles one graph for every batch size, for ``batch_size`` > 1, where active sets
+  take many sizes.
+* ``compile=true`` in the config picks ``static`` for one measurement per batch (or with
+  ``cuda_graphs``) and ``dynamic`` otherwise.
+* ``cuda_graphs=true`` (with ``static``) replays each graph as a CUDA graph (torch.compile's
+  ``reduce-overhead``): one launch instead of hundreds of kernel launches per call. A replay writes
+  into the graph's own buffers, so the wrapper starts a new step at each call and copies the
+  outputs and the input's gradient out (``_graph_safe``). On the CPU it changes nothing.
+* H200, batch 4 (docs/benchmarks.md): 21.0 ms static and 20.8 ms with graphs, against 52.9 ms for
+  ``daps`` eager.
+
+Under compile the decoder's nearest-neighbour 2x upsampling is written as a broadcast
+(``nearest2x``). Inductor turns the backward of ``F.interpolate(mode="nearest")`` into an
+index_put with accumulation, which took 17 of the 48 ms of the compiled step on an H200. The
+broadcast's backward is a plain sum of each 2 x 2 block. The forward values are the same copies;
+the gradient sums the same four numbers, possibly in another order.
+
+The wrapper replaces ``module.forward`` only, so forward hooks (telemetry's compute counters)
+still run eagerly around it. ``channels_last`` stores the networks' weights and their inputs in
+NHWC, which cuDNN's tensor-core convolutions prefer.
+
+Attention: the decoder's mid block and the UNet's attention layers are diffusers ``Attention``
+modules with ``AttnProcessor2_0``, i.e. ``F.scaled_dot_product_attention``. Which SDPA kernels may
+run is set by ``deterministic`` (device.py: math only when true).
 """
 from __future__ import annotations
 
