@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speed benchmark, as one device call (docs/benchmarks.md, "Performance"):
 #   here:   bash benchmarks/prepare_wheels.sh
-#   device: run(command="TIMEOUT=480 bash benchmarks/speed.sh", carry=[".whl"], timeout_s=540)
+#   device: run(command="TIMEOUT=490 bash benchmarks/speed.sh --only step image", carry=[".whl"], timeout_s=530)
+#           run(command="TIMEOUT=300 bash benchmarks/speed.sh --only accuracy throughput --fast cg", carry=[".whl"], timeout_s=340)
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 device_run speed speed.py "" "$@"
