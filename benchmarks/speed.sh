@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed benchmark, as one device call (docs/benchmarks.md, "Performance"):
+# The speed benchmark on the GPU machine, as two device calls (docs/benchmarks.md, "Performance"):
 #   here:   bash benchmarks/prepare_wheels.sh
 #   device: run(command="TIMEOUT=490 bash benchmarks/speed.sh --only step image", carry=[".whl"], timeout_s=530)
 #           run(command="TIMEOUT=300 bash benchmarks/speed.sh --only accuracy throughput --fast cg", carry=[".whl"], timeout_s=340)
