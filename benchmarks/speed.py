@@ -32,7 +32,8 @@ Sections, in this order (each guarded: a failure is recorded, the rest goes on):
               0.1 dB and >= 90% identical labels
   throughput  batch_size=auto for fast (the memory probe); images per GPU-hour of exp 0 under daps
               (batch 1) and of exp 4 under fast at the auto batch (its per-image time scaled by the
-              MCMC-step time at 4 x batch particles over batch x the time at 4)
+              MCMC-step time at 4 x batch particles over batch x the time at 4); without an image
+              section in this run, ``--image-from`` names an earlier speed.json to take it from
 The last lines printed are a table; details go to <out>/speed.json.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -85,6 +87,7 @@ class Bench:
         cfg = OmegaConf.load(path)
         self.model = CompVisLDM(OmegaConf.to_container(cfg.ldm_config, resolve=False), "daps").to(self.dev.torch_device)
         self.choose = choose        # the step section may switch fast to fast_cg (cuda_graph_variant)
+        self.image_from: str | None = None      # --image-from: an earlier run's image times
         self.fast_precision = (FAST_CG if cuda_graphs else FAST) if compile_ else Precision("bf16", channels_last=True)
         self.fast = prepare_model(copy.deepcopy(self.model), self.fast_precision)
         size = self.model.image_shape[-1]
@@ -294,17 +297,23 @@ def section_throughput(b: Bench, res: dict):
     with precision_flags(b.fast_precision.mode):
         t4 = b.time_ms(step_fn(b.fast, b.op, z[:4], y[:4]), 5, 2)
         tn = b.time_ms(step_fn(b.fast, b.op, z, y), 5, 2)
-    image = res.get("image") or {}
-    out = dict(auto_batch=n, probe=probe, step_ms_b4=t4, step_ms_auto=tn, scale=tn / (n * t4))
+    image, source = res.get("image") or {}, "this run"
+    if not image and b.image_from:
+        image, source = json.loads(Path(b.image_from).read_text()).get("image") or {}, b.image_from
+    out = dict(auto_batch=n, probe=probe, step_ms_b4=t4, step_ms_auto=tn, scale=tn / (n * t4),
+               image_times_from=source if image else None)
     if image:
         out["exp0_daps_per_hour"] = images_per_gpu_hour(1, image["exp0_daps"]["per_image_s"])
-        out["exp4_fast_per_hour"] = images_per_gpu_hour(1, image["exp4_fast"]["per_image_s"] * out["scale"])
+        for k in ("exp2", "exp4"):
+            out[f"{k}_fast_per_hour"] = images_per_gpu_hour(1, image[f"{k}_fast"]["per_image_s"] * out["scale"])
         out["ratio"] = out["exp4_fast_per_hour"] / out["exp0_daps_per_hour"]
+        out["ratio_exp2"] = out["exp2_fast_per_hour"] / out["exp0_daps_per_hour"]
     res["throughput"] = out
     rows = [("batch_size=auto (fast)", f"{n} measurements ({4 * n} particles), step {tn:.1f} ms")]
     if image:
         rows.append(("images / GPU-hour exp0 daps -> exp4 fast (target >= 3x)",
-                     f"{out['exp0_daps_per_hour']:.1f} -> {out['exp4_fast_per_hour']:.1f} ({out['ratio']:.2f}x)"))
+                     f"{out['exp0_daps_per_hour']:.1f} -> {out['exp4_fast_per_hour']:.1f} ({out['ratio']:.2f}x; "
+                     f"exp 2 {out['ratio_exp2']:.2f}x; image times from {source})"))
     return rows
 
 
@@ -359,11 +368,15 @@ def main() -> int:
                          "finds it faster and equal), static, cg (cuda_graphs), eager (bf16 + channels_last, "
                          "no compile; the default with --smoke)")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--image-from", default=None,
+                    help="speed.json of an earlier run whose image section the throughput section uses "
+                         "when this run has none (the sections take two device calls)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fast = args.fast or ("eager" if args.smoke else "auto")
     b = Bench(args.smoke, compile_=fast != "eager", cuda_graphs=fast == "cg", choose=fast == "auto")
+    b.image_from = args.image_from
     res: dict = {"device": b.dev.describe(), "torch": torch.__version__, "weights_mb": b.weights_mb,
                  "fast": b.fast_precision.describe(), "errors": {}, "section_s": {}}
     rows: list[tuple[str, str]] = [("device", res["device"]["name"])]
