@@ -44,6 +44,31 @@ def kernel_class(name: str) -> str:
 
 
 COPY_OPS = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::contiguous")
+# ops that only allocate, fill or copy: walked through to find who asked for a copy
+_PLUMBING = COPY_OPS + ("aten::to", "aten::fill_", "aten::zero_", "aten::zeros", "aten::empty", "aten::empty_like",
+                        "aten::empty_strided", "aten::new_zeros", "aten::new_empty", "aten::zeros_like")
+
+
+def copy_parents(prof, cuda: bool, steps: int) -> list[dict]:
+    """Which op each device copy or fill ran under (the first ancestor that is not itself an
+    allocation, fill or copy), with the input shapes of the copy: where the compiled step's aten
+    copies come from. Only ops the profiler sees (not inside a CUDA graph replay)."""
+    tally: dict[tuple, list] = {}
+    for e in prof.events():
+        if e.name not in ("aten::copy_", "aten::fill_"):
+            continue
+        t = getattr(e, "device_time_total", 0) if cuda else e.cpu_time_total
+        if t <= 0:
+            continue
+        parent = e.cpu_parent
+        while parent is not None and parent.name in _PLUMBING:
+            parent = parent.cpu_parent
+        key = (e.name, parent.name if parent is not None else "(top level)", str(e.input_shapes)[:120])
+        row = tally.setdefault(key, [0.0, 0])
+        row[0] += t / steps / 1000
+        row[1] += 1
+    rows = [dict(op=k[0], under=k[1], shapes=k[2], ms=v[0], calls=v[1] // steps) for k, v in tally.items()]
+    return sorted(rows, key=lambda r: -r["ms"])[:15]
 
 
 def profile_fn(fn, cuda: bool, steps: int) -> dict:
@@ -70,7 +95,7 @@ def profile_fn(fn, cuda: bool, steps: int) -> dict:
             copies.append(dict(op=e.key, shapes=str(e.input_shapes)[:200], ms=t / steps / 1000,
                                calls=e.count // steps))
     copies.sort(key=lambda r: -r["ms"])
-    return dict(kernel_ms=sum(r[1] for r in rows), by_class=dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+    return dict(parents=copy_parents(prof, cuda, steps), kernel_ms=sum(r[1] for r in rows), by_class=dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
                 top=[dict(name=n[:160], ms=ms, calls=c) for n, ms, c in rows[:15]], copies=copies[:12])
 
 
@@ -121,6 +146,8 @@ def main() -> int:
             print(f"  {r['ms']:7.2f} ms x{r['calls']:<4} {r['name'][:110]}")
         for r in v["copies"][:5]:
             print(f"  copy op {r['ms']:7.2f} ms x{r['calls']:<4} {r['op']} {r['shapes'][:100]}")
+        for r in v["parents"][:6]:
+            print(f"  {r['op']} under {r['under']}: {r['ms']:6.2f} ms x{r['calls']:<4} {r['shapes'][:80]}")
     return 0
 
 

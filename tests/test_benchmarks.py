@@ -41,4 +41,4 @@ def test_profile_smoke_lists_kernels_and_copies(tmp_path):
     res = json.loads((tmp_path / "profile.json").read_text())
     for name in ("daps", "bf16_cl"):
         v = res["variants"][name]
-        assert v["ms"] > 0 and v["top"] and "copies" in v
+        assert v["ms"] > 0 and v["top"] and "copies" in v and v["parents"] and v["parents"][0]["under"]
