@@ -25,7 +25,6 @@ The last lines printed are a table; details go to <out>/gpu_check.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -38,10 +37,10 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sections import print_table, run_sections  # noqa: E402 - benchmarks/sections.py
+from sections import SHARED, full_model, print_table, run_sections  # noqa: E402 - benchmarks/sections.py
 from treedaps.device import apply_determinism, select_device  # noqa: E402
 from treedaps.mcmc import MCMCConfig, latent_data_gradient  # noqa: E402
-from treedaps.models.ldm import CompVisLDM, build_ldm  # noqa: E402
+from treedaps.models.ldm import build_ldm  # noqa: E402
 from treedaps.operators import PhaseRetrieval  # noqa: E402
 from treedaps.particles import Particles  # noqa: E402
 from treedaps.plan import PhasePlan, decay_weights  # noqa: E402
@@ -53,7 +52,6 @@ from treedaps.search.repulsion import make_repulsion  # noqa: E402
 from treedaps.telemetry import fingerprints  # noqa: E402
 from treedaps.telemetry import Telemetry  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "fixtures" / "daps_ref"
 LANGEVIN = MCMCConfig("langevin", 100, 3.5e-5, 0.01, 0.12)
 HMC = MCMCConfig("hmc", 65, 2.1e-5, 0.01, 0.12, 0.41)
 
@@ -109,17 +107,6 @@ def section_parity(dev, results):
     worst = max(v for k, v in out.items() if not k.endswith("equal"))
     return [("parity (TF32 off)", f"max rel diff {worst:.2e} (tol 1e-4), vq codes equal: "
              f"{all(v for k, v in out.items() if k.endswith('equal'))}")]
-
-
-def full_model(name: str, dev, smoke: bool, mapping: str = "daps"):
-    if smoke:
-        cfg = OmegaConf.load(SHARED / f"tiny_{name}_ldm.yaml")
-    else:
-        cfg = OmegaConf.load(ROOT / "configs" / "model" / f"{name}256ldm.yaml")
-    torch.manual_seed(0)
-    model = CompVisLDM(OmegaConf.to_container(cfg.ldm_config, resolve=False), mapping,
-                       cfg.get("class_label"))
-    return model.to(dev.torch_device).eval()
 
 
 def annealing_steps(model, op, y, dev, mcmc: MCMCConfig, n_steps: int, batch: int):

@@ -4,7 +4,7 @@
     python benchmarks/speed.py --smoke --out /tmp/s    on a CPU, tiny model, every section
 
 The network is the full-size FFHQ LDM of configs/model/ffhq256ldm.yaml with random weights (the
-compute does not depend on the weight values), as benchmarks/gpu_check.py builds it. ``daps`` is
+compute does not depend on the weight values; ``sections.full_model``, as gpu_check.py uses it). ``daps`` is
 exp 0's configuration (precision=daps, eager); ``fast`` is precision=bf16 + channels_last +
 compile=static (one graph per batch size; the first call of each size compiles), and ``fast_cg``
 the same with cuda_graphs=true. The step section checks fast_cg against fast: the same gradient,
@@ -49,16 +49,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sections import print_table, run_sections  # noqa: E402 - benchmarks/sections.py
+from sections import full_model, print_table, run_sections  # noqa: E402 - benchmarks/sections.py
 from treedaps.config import validate  # noqa: E402
 from treedaps.device import select_device  # noqa: E402
 from treedaps.mcmc import MCMCConfig, latent_data_gradient, run_mcmc  # noqa: E402
-from treedaps.models.ldm import CompVisLDM  # noqa: E402
 from treedaps.modes import ModeThresholds, label_modes  # noqa: E402
 from treedaps.operators import PhaseRetrieval  # noqa: E402
 from treedaps.particles import Particles  # noqa: E402
@@ -69,7 +68,6 @@ from treedaps.sampler import daps_step, sample  # noqa: E402
 from treedaps.search import build_search  # noqa: E402
 from treedaps.throughput import auto_batch_size, images_per_gpu_hour  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "fixtures" / "daps_ref"
 FAST = Precision("bf16", compile="static", channels_last=True)
 FAST_CG = Precision("bf16", compile="static", channels_last=True, cuda_graphs=True)
 MODES = {"fp32": Precision("fp32"), "daps": Precision("daps"), "tf32": Precision("tf32"),
@@ -79,15 +77,13 @@ MODES = {"fp32": Precision("fp32"), "daps": Precision("daps"), "tf32": Precision
 class Bench:
     """Model pair (eager for the modes, a deep copy wrapped once as ``fast``), inputs, clock."""
 
-    def __init__(self, smoke: bool, compile_: bool, cuda_graphs: bool = False, choose: bool = False):
+    def __init__(self, smoke: bool, compile_: bool, cuda_graphs: bool = False, choose: bool = False,
+                 image_from: str | None = None):
         self.smoke = smoke
         self.dev = select_device("cpu" if smoke else "cuda")
-        path = SHARED / "tiny_ffhq_ldm.yaml" if smoke else ROOT / "configs" / "model" / "ffhq256ldm.yaml"
-        torch.manual_seed(0)
-        cfg = OmegaConf.load(path)
-        self.model = CompVisLDM(OmegaConf.to_container(cfg.ldm_config, resolve=False), "daps").to(self.dev.torch_device)
+        self.model = full_model("ffhq", self.dev, smoke)
         self.choose = choose        # the step section may switch fast to fast_cg (cuda_graph_variant)
-        self.image_from: str | None = None      # --image-from: an earlier run's image times
+        self.image_from = image_from            # --image-from: an earlier run's image times
         self.fast_precision = (FAST_CG if cuda_graphs else FAST) if compile_ else Precision("bf16", channels_last=True)
         self.fast = prepare_model(copy.deepcopy(self.model), self.fast_precision)
         size = self.model.image_shape[-1]
@@ -115,6 +111,13 @@ class Bench:
                 fn()
                 times.append(1000 * (time.perf_counter() - t))
         return statistics.median(times)
+
+    def first_call_s(self, fn) -> float:
+        """Seconds of the first call of ``fn`` (for a compiled model: tracing and compiling)."""
+        t = time.perf_counter()
+        fn()
+        self.dev.synchronize()
+        return time.perf_counter() - t
 
     def inputs(self, n: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -157,17 +160,14 @@ def section_step(b: Bench, res: dict):
     prepare_model(b.model, Precision("daps"))
     with precision_flags(b.fast_precision.mode):
         fn = step_fn(b.fast, b.op, z, y)
-        t = time.perf_counter()
-        fn()
-        b.dev.synchronize()
-        out["compile_s"] = time.perf_counter() - t
+        out["compile_s"] = b.first_call_s(fn)
         ms = b.time_ms(fn, repeat, warm)
         out["modes"]["fast"] = dict(ms=ms, tflops=flops / ms / 1e9, precision=b.fast_precision.describe(),
                                     **b.peak(fn))
         out["fast_smaller_batches_ms"] = {n: b.time_ms(step_fn(b.fast, b.op, z[:n], y[:n]), repeat, warm)
                                           for n in (2,)}
     if b.choose:
-        out["cuda_graphs"] = cuda_graph_variant(b, z, y, flops, repeat, warm)
+        out["cuda_graphs"] = cuda_graph_variant(b, z, y, flops, out["modes"]["fast"]["ms"], repeat, warm)
     m = out["modes"]
     chosen = out["cuda_graphs"]["ms"] if out.get("cuda_graphs", {}).get("chosen") else m["fast"]["ms"]
     out["speedup_fast_vs_daps"] = m["daps"]["ms"] / chosen
@@ -195,17 +195,15 @@ def hmc_end(model, b: Bench, z, y, iters: int = 5):
     return out.z0y
 
 
-def cuda_graph_variant(b: Bench, z, y, flops: float, repeat: int, warm: int) -> dict:
+def cuda_graph_variant(b: Bench, z, y, flops: float, fast_ms: float, repeat: int, warm: int) -> dict:
     """fast_cg (fast + cuda_graphs): step time and peak memory; its gradient and 5 HMC iterations
     against fast's from the same state (a replay overwriting a buffer still in use would show); becomes
-    ``b.fast`` for the later sections if it is faster and the check passed."""
+    ``b.fast`` for the later sections if it is faster than ``fast_ms`` (fast's step) and the check
+    passed."""
     cg = prepare_model(copy.deepcopy(b.model), FAST_CG)
     with precision_flags(FAST_CG.mode):
         fn = step_fn(cg, b.op, z, y)
-        t = time.perf_counter()
-        fn()
-        b.dev.synchronize()
-        out = dict(compile_s=time.perf_counter() - t)
+        out = dict(compile_s=b.first_call_s(fn))
         out["ms"] = b.time_ms(fn, repeat, warm)
         out.update(tflops=flops / out["ms"] / 1e9, **b.peak(fn))
         # batch 2 (after pruning), where the launches, not the kernels, bound the compiled step
@@ -216,7 +214,6 @@ def cuda_graph_variant(b: Bench, z, y, flops: float, repeat: int, warm: int) -> 
     gdiff = float((grads[0] - grads[1]).abs().max() / grads[0].abs().max())
     out.update(check_grad_rel_diff=gdiff, check_max_abs_diff=diff, check_ref_max_abs=scale,
                check_ok=bool(gdiff <= 1e-3 and diff <= 1e-3 * scale))
-    fast_ms = b.time_ms(step_fn(b.fast, b.op, z, y), repeat, warm)
     out["chosen"] = bool(out["check_ok"] and out["ms"] < fast_ms)
     if out["chosen"]:
         b.fast, b.fast_precision = cg, FAST_CG
@@ -252,14 +249,12 @@ def time_image(b: Bench, model, name: str, precision: Precision) -> dict:
             else "explore"
         kinds.setdefault(kind, []).append(step)
     _, y = b.inputs(1, seed=1)
-    warm = None
-    if precision.compile != "off":      # every shape the run meets, as a run's pre-warm does
-        with precision_flags(precision.mode):
+    parts = Particles.start(y[:1], [0], [42], int(cfg.num_samples), model.latent_shape, s.annealing.sigma_max, b.dev)
+    measured, warm = {}, None
+    with precision_flags(precision.mode):
+        if precision.compile != "off":      # every shape the run meets, as a run's pre-warm does
             warm = prewarm(SimpleNamespace(baseline=None, cfg=cfg, settings=s, device=b.dev, model=model,
                                            plan=plan, hooks=hooks), 1)
-    parts = Particles.start(y[:1], [0], [42], int(cfg.num_samples), model.latent_shape, s.annealing.sigma_max, b.dev)
-    measured = {}
-    with precision_flags(precision.mode):
         for kind, steps in kinds.items():
             step, start = steps[0], parts
             times = []
@@ -375,8 +370,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fast = args.fast or ("eager" if args.smoke else "auto")
-    b = Bench(args.smoke, compile_=fast != "eager", cuda_graphs=fast == "cg", choose=fast == "auto")
-    b.image_from = args.image_from
+    b = Bench(args.smoke, compile_=fast != "eager", cuda_graphs=fast == "cg", choose=fast == "auto",
+              image_from=args.image_from)
     res: dict = {"device": b.dev.describe(), "torch": torch.__version__, "weights_mb": b.weights_mb,
                  "fast": b.fast_precision.describe(), "errors": {}, "section_s": {}}
     rows: list[tuple[str, str]] = [("device", res["device"]["name"])]
