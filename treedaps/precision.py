@@ -156,12 +156,17 @@ def precision_flags(mode: str):
 
 
 # -- the networks --------------------------------------------------------------------------------
-def _to_float32(out):
+def _map_tensors(fn, out):
+    """``fn`` applied to each tensor of a network's output (a tensor, or a tuple of them)."""
     if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+        return fn(out)
     if isinstance(out, tuple):
-        return tuple(_to_float32(o) for o in out)
+        return tuple(_map_tensors(fn, o) for o in out)
     return out
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
 
 
 def _wrapped_forward(forward, dtype: torch.dtype | None, channels_last: bool):
@@ -175,7 +180,7 @@ def _wrapped_forward(forward, dtype: torch.dtype | None, channels_last: bool):
             return forward(x, *args, **kwargs)
         with torch.autocast(x.device.type, dtype=dtype):
             out = forward(x, *args, **kwargs)
-        return _to_float32(out)
+        return _map_tensors(_float32, out)
 
     return run
 
@@ -192,14 +197,6 @@ class _CopyGrad(torch.autograd.Function):
         return grad.clone()
 
 
-def _clone(out):
-    if isinstance(out, torch.Tensor):
-        return out.clone()
-    if isinstance(out, tuple):
-        return tuple(_clone(o) for o in out)
-    return out
-
-
 def _graph_safe(forward):
     """A CUDA-graph-replayed forward that is safe to call like an eager one. A replay writes its
     outputs (and its backward the input's gradient) into the graph's fixed buffers, which the next
@@ -212,7 +209,7 @@ def _graph_safe(forward):
         torch.compiler.cudagraph_mark_step_begin()
         if x.requires_grad:
             x = _CopyGrad.apply(x)
-        return _clone(forward(x, *args, **kwargs))
+        return _map_tensors(torch.clone, forward(x, *args, **kwargs))
 
     return run
 
