@@ -313,15 +313,21 @@ def test_unwrap_restores_eager_and_attention_is_sdpa(tiny):
 
 @needs_fixtures
 def test_batch_shrinks_under_the_wrapped_networks(tiny):
-    """Pruning and active sets shrink the batch: every size runs, each row as on its own."""
+    """Pruning and active sets shrink the batch: every size runs, each row as on its own.
+
+    With one CPU thread the rows are bitwise equal across batch sizes. With more, the CPU's bf16
+    convolutions block the batch differently per size (2 threads: 0.012 relative), so the bound is
+    bf16's decode bound against fp32. A wrong or stale row differs by about 1.1 (two different latents).
+    """
     model, ref = tiny
     z = ref["z"].repeat(2, 1, 1, 1)          # 4 particles
     prepare_model(model, Precision("bf16", channels_last=True))
     try:
         with torch.no_grad():
             full = model.decode(z)
+            assert _rel(full[1], full[0]) > 20 * BOUNDS["decode"]    # the test can tell rows apart
             for n in (2, 1):
-                assert torch.allclose(model.decode(z[:n]), full[:n], rtol=0, atol=1e-2)
+                assert _rel(model.decode(z[:n]), full[:n]) < BOUNDS["decode"]
     finally:
         unwrap_model(model)
 
