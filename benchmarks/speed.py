@@ -20,11 +20,13 @@ Sections, in this order (each guarded: a failure is recorded, the rest goes on):
               compiled graph at batch 2 (after pruning); fast_cg's time (batch 4 and 2) and its
               check; the speed-up is the chosen variant's
   image       per image (one measurement, 4 particles, 50 annealing steps): exp 0 (Langevin 100) and
-              exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast. Each kind of
-              annealing step (explore / prune / refine / final) is run twice from the same input
-              state, the first untimed (cuDNN autotuning; a compiled model is pre-warmed before, as
-              a run is), and the image time is extrapolated over the plan's 50 steps (stated in
-              the JSON)
+              exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast, exp 4 once
+              more with the cost-aware optimisation preset. Each kind of annealing step (explore /
+              prune / refine / final) is run twice from the same input state, the first untimed
+              (cuDNN autotuning; a compiled model is pre-warmed before, as a run is), and the
+              image time is extrapolated over the plan's 50 steps (stated in the JSON). exp 4's
+              time splits into optimisation and MCMC steps, with each event's iterations and
+              milliseconds per iteration
   accuracy    10 measurements (images decoded from random latents; run one at a time, so the
               batch-4 graphs serve), exp 0 with a short schedule, daps vs fast on the same inputs:
               paired best-of-4 PSNR difference (mean, 95% bootstrap interval), share of identical
@@ -220,10 +222,11 @@ def cuda_graph_variant(b: Bench, z, y, flops: float, fast_ms: float, repeat: int
     return out
 
 
-def experiment(name: str, smoke: bool):
-    """Settings and plan of ``experiment=name`` on the FFHQ model config (no checkpoint is read)."""
+def experiment(name: str, smoke: bool, extra: tuple[str, ...] = ()):
+    """Settings and plan of ``experiment=name`` (plus overrides ``extra``) on the FFHQ model config
+    (no checkpoint is read)."""
     from hydra import compose, initialize_config_dir  # noqa: PLC0415
-    over = [f"experiment={name}", "model=ffhq256ldm", "data=test-ffhq"]
+    over = [f"experiment={name}", "model=ffhq256ldm", "data=test-ffhq", *extra]
     if smoke:
         over += ["sampler.annealing_scheduler_config.num_steps=8", "task.ldm.mcmc_sampler_config.num_steps=3",
                  "task.ldm_hmc.mcmc_sampler_config.num_steps=3", "search.optimization.max_iters=4"]
@@ -231,13 +234,45 @@ def experiment(name: str, smoke: bool):
         return compose(config_name="default", overrides=over)
 
 
-def time_image(b: Bench, model, name: str, precision: Precision) -> dict:
+class OptimizeClock:
+    """The sampler's event callback: seconds and totals of each latent-optimisation event."""
+
+    def __init__(self, dev):
+        self.dev, self.events, self._t = dev, [], None
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event not in ("optimize_start", "optimize_end"):
+            return
+        self.dev.synchronize()
+        now = time.perf_counter()
+        if event == "optimize_start":
+            self._t = now
+            return
+        for record in info["record"].values():         # one measurement per image here
+            t = record["totals"]
+            self.events.append(dict(s=now - self._t, particles=t["particles"], iterations=t["iterations"],
+                                    max_iterations=t["max_iterations"], stop_reasons=t["stop_reasons"],
+                                    evaluations=t["decoder_forward_backward"] + t["decoder_forward_only"]))
+
+    def summary(self) -> dict | None:
+        """The (last) event: its seconds, iterations and milliseconds per optimiser iteration (one
+        decoder forward + backward of the particles still running, and the AdamW step)."""
+        if not self.events:
+            return None
+        e = dict(self.events[-1])
+        e["ms_per_iteration"] = 1000 * e["s"] / (e["max_iterations"] + 1)   # evaluations 0 .. max
+        return e
+
+
+def time_image(b: Bench, model, name: str, precision: Precision, extra: tuple[str, ...] = ()) -> dict:
     """Per-image seconds of experiment ``name``: each kind of step timed once (after an untimed run
     from the same state), extrapolated over the plan. A compiled model is first pre-warmed as a run
     is (treedaps/prewarm.py): the particles' streams move on between the two runs of a step, so the
     timed one may meet an optimiser active-set size the first did not (on 2026-11-30 exp 4's final
-    step took 7.3 s untimed and 49.5 s timed, most likely a compile at a new size)."""
-    cfg = experiment(name, b.smoke)
+    step took 7.3 s untimed and 49.5 s timed, most likely a compile at a new size). A step with
+    latent optimisation also records its event (``optimize``: seconds, iterations, stop reasons, ms
+    per iteration), and the per-image total splits into MCMC steps and optimisation."""
+    cfg = experiment(name, b.smoke, extra)
     s = dataclasses.replace(validate(cfg), operator=b.op)     # the model's size (the tiny one with --smoke)
     plan = build_plan(s, model)
     hooks = build_search(s.search, model, b.op, s.mcmc.tau, b.dev)
@@ -247,6 +282,8 @@ def time_image(b: Bench, model, name: str, precision: Precision) -> dict:
         a = plan.at(step)
         kind = "prune" if a.prune else "final" if step == n - 1 else "refine" if step > (plan.plan.prune_step or n) \
             else "explore"
+        if kind in ("explore", "refine") and a.optimize:
+            kind += "_optimize"         # steps with an optimisation event apart (cost_aware has few)
         kinds.setdefault(kind, []).append(step)
     _, y = b.inputs(1, seed=1)
     parts = Particles.start(y[:1], [0], [42], int(cfg.num_samples), model.latent_shape, s.annealing.sigma_max, b.dev)
@@ -259,31 +296,44 @@ def time_image(b: Bench, model, name: str, precision: Precision) -> dict:
             step, start = steps[0], parts
             times = []
             for _ in range(2):          # untimed first: compiles this batch size, autotunes cuDNN
+                clock = OptimizeClock(b.dev)
                 b.dev.synchronize()
                 t = time.perf_counter()
                 parts, _ = daps_step(model, b.op, start, plan.at(step), plan.sigmas[step], plan.sigmas[step + 1], n,
-                                     s.ode, s.mcmc, b.dev, hooks, lambda e, i: None)
+                                     s.ode, s.mcmc, b.dev, hooks, clock)
                 b.dev.synchronize()
                 times.append(time.perf_counter() - t)
             measured[kind] = dict(step=step, s=times[1], first_s=times[0], particles_in=len(start),
-                                  particles_out=len(parts))
+                                  particles_out=len(parts), optimize=clock.summary())
     total = sum(measured[k]["s"] * len(v) for k, v in kinds.items())
-    return dict(per_image_s=total, steps=n, kinds={k: len(v) for k, v in kinds.items()}, measured=measured,
+    optimize = sum(m["optimize"]["s"] * len(kinds[k]) for k, m in measured.items() if m["optimize"])
+    return dict(per_image_s=total, optimization_s=optimize, mcmc_steps_s=total - optimize, steps=n,
+                kinds={k: len(v) for k, v in kinds.items()}, measured=measured, overrides=list(extra),
                 precision=precision.mode, compile=precision.compile, prewarm=warm,
                 method="each kind of step run twice from the same state, the second timed, x its count")
 
 
 def section_image(b: Bench, res: dict):
+    """exp 4 runs twice: with ReSample's optimisation rules (the default preset, the full method)
+    and with the cost-aware preset (3 events, a 600-iteration budget per particle)."""
     out = {"exp0_daps": time_image(b, b.model, "exp0", Precision("daps")),
            "exp0b_daps": time_image(b, b.model, "exp0b", Precision("daps")),
            "exp2_fast": time_image(b, b.fast, "exp2", b.fast_precision),
-           "exp4_fast": time_image(b, b.fast, "exp4", b.fast_precision)}
+           "exp4_fast": time_image(b, b.fast, "exp4", b.fast_precision),
+           "exp4_fast_cost_aware": time_image(b, b.fast, "exp4", b.fast_precision,
+                                              ("search.optimization.preset=cost_aware",))}
     base = out["exp0_daps"]["per_image_s"]
-    for k in ("exp2_fast", "exp4_fast"):
+    for k in ("exp2_fast", "exp4_fast", "exp4_fast_cost_aware"):
         out[k]["fraction_of_exp0"] = out[k]["per_image_s"] / base
     res["image"] = out
-    return [(f"per image {k} (s)", f"{v['per_image_s']:.1f}" + (f" ({v['fraction_of_exp0']:.2f} of exp 0; target "
+    rows = [(f"per image {k} (s)", f"{v['per_image_s']:.1f}" + (f" ({v['fraction_of_exp0']:.2f} of exp 0; target "
              f"<= 0.33)" if "fraction_of_exp0" in v else "")) for k, v in out.items()]
+    for k in ("exp4_fast", "exp4_fast_cost_aware"):
+        v, events = out[k], [m["optimize"] for m in out[k]["measured"].values() if m["optimize"]]
+        rows.append((f"{k}: optimisation s / MCMC steps s; events' iterations, ms per iteration",
+                     f"{v['optimization_s']:.1f} / {v['mcmc_steps_s']:.1f}; "
+                     + ", ".join(f"{e['max_iterations']} ({e['ms_per_iteration']:.1f})" for e in events)))
+    return rows
 
 
 def section_throughput(b: Bench, res: dict):

@@ -28,9 +28,17 @@ def test_speed_smoke_runs_every_section(tmp_path):
     modes = res["step"]["modes"]
     assert set(modes) == {"fp32", "daps", "tf32", "bf16", "bf16_cl", "fast"} and all(m["ms"] > 0 for m in modes.values())
     image = res["image"]
-    assert set(image) == {"exp0_daps", "exp0b_daps", "exp2_fast", "exp4_fast"}
+    assert set(image) == {"exp0_daps", "exp0b_daps", "exp2_fast", "exp4_fast", "exp4_fast_cost_aware"}
     assert image["exp2_fast"]["kinds"] == {"explore": 5, "prune": 1, "refine": 1, "final": 1}   # 8 steps, prune at t = 200
-    assert 0 < image["exp4_fast"]["fraction_of_exp0"] and image["exp4_fast"]["prewarm"] is None   # eager
+    assert image["exp2_fast"]["optimization_s"] == 0
+    exp4 = image["exp4_fast"]
+    assert 0 < exp4["fraction_of_exp0"] and exp4["prewarm"] is None   # eager
+    assert exp4["kinds"] == {"explore": 5, "prune": 1, "refine_optimize": 1, "final": 1}     # an event every refine step
+    events = [m["optimize"] for m in exp4["measured"].values() if m["optimize"]]
+    assert len(events) == 3 and all(e["particles"] == 2 and 0 < e["ms_per_iteration"] for e in events)
+    assert all(e["max_iterations"] <= 4 for e in events)          # --smoke caps an event at 4 iterations
+    assert 0 < exp4["optimization_s"] < exp4["per_image_s"] == pytest.approx(exp4["optimization_s"] + exp4["mcmc_steps_s"])
+    assert image["exp4_fast_cost_aware"]["overrides"] == ["search.optimization.preset=cost_aware"]
     acc = res["accuracy"]
     assert acc["measurements"] == 4 and len(acc["delta_psnr"]) == 4 and 0 <= acc["identical_mode_share"] <= 1
     assert res["throughput"]["auto_batch"] == 1 and res["throughput"]["ratio"] > 0
