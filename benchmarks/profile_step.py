@@ -8,8 +8,11 @@ with cuda_graphs too, without channels_last, and with compile=dynamic, as treeda
 prepares them; ``--only`` picks some), the median step time
 (CUDA events) and a torch.profiler table of the kernels: time per kernel class (convolution, matrix
 product, normalisation, element-wise, attention, FFT, copies / casts), the top kernels and the
-eager copy ops with their input shapes (where the compiled step's 27 aten copies come from). The
-answer to "which kernels limit the fast path" of docs/benchmarks.md. Details in <out>/profile.json.
+eager copy ops with their input shapes (where the compiled step's 27 aten copies come from). For a
+compiled variant, the host code of Inductor's forward and backward graphs (``call``: kernel
+launches, cuDNN convolutions and their backward, allocations, copies) goes to
+<out>/wrapper_<variant>.py.txt, with a count of those lines in the JSON. The answer to "which
+kernels limit the fast path" of docs/benchmarks.md. Details in <out>/profile.json.
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ CLASSES = (("attention", ("attention", "fmha", "flash", "softmax")), ("fft", ("f
            ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop", "nhwc", "nchw")),
            ("matmul", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet")),
            ("norm", ("norm", "welford")), ("copy/cast", ("copy", "cast", "convert", "to_copy", "transpose")))
+
+
+def _loaded_modules() -> int:
+    from torch._inductor.codecache import PyCodeCache  # noqa: PLC0415
+    return len(PyCodeCache.modules)
 
 
 def kernel_class(name: str) -> str:
@@ -68,6 +76,45 @@ def copy_parents(prof, cuda: bool, steps: int) -> list[dict]:
         row[1] += 1
     rows = [dict(op=k[0], under=k[1], shapes=k[2], ms=v[0], calls=v[1] // steps) for k, v in tally.items()]
     return sorted(rows, key=lambda r: -r["ms"])[:15]
+
+
+# Host lines of an Inductor wrapper that allocate, fill, copy or call a kernel outside Inductor's own.
+WRAPPER_PATTERNS = {"convolution_backward": "aten.convolution_backward.default(",
+                    "convolution": "extern_kernels.convolution(", "mm": "extern_kernels.mm(",
+                    "bmm": "extern_kernels.bmm(", "empty_strided": "empty_strided",
+                    "copy_": ".copy_(", "fill/zero": ("fill_(", "zero_(", "torch.zeros", "aten.full"),
+                    "fallback ops": "= torch.ops.aten."}
+
+
+def inductor_wrappers(first: int) -> list[tuple[str, str]]:
+    """(file, host code of ``call``) of each Inductor wrapper module loaded since
+    ``PyCodeCache.modules[first]``: the sequence of kernel launches, extern kernels (cuDNN
+    convolutions and their backward), allocations and copies that a compiled graph runs."""
+    from torch._inductor.codecache import PyCodeCache  # noqa: PLC0415
+    found = []
+    for mod in PyCodeCache.modules[first:]:
+        path = getattr(mod, "__file__", None)
+        if not path or not hasattr(mod, "call") and not hasattr(mod, "Runner"):
+            continue
+        lines = Path(path).read_text().splitlines()
+        start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("def call(")), None)
+        if start is None:
+            continue
+        indent = len(lines[start]) - len(lines[start].lstrip())
+        end = next((j for j in range(start + 1, len(lines))
+                    if lines[j].strip() and len(lines[j]) - len(lines[j].lstrip()) <= indent), len(lines))
+        found.append((path, "\n".join(lines[start:end])))
+    return found
+
+
+def wrapper_summary(code: str) -> dict[str, int]:
+    """How many host lines of a wrapper's ``call`` match each of ``WRAPPER_PATTERNS``."""
+    lines = [line for line in code.splitlines() if not line.lstrip().startswith("#")]
+    counts = {}
+    for name, pats in WRAPPER_PATTERNS.items():
+        pats = (pats,) if isinstance(pats, str) else pats
+        counts[name] = sum(any(p in line for p in pats) for line in lines)
+    return counts
 
 
 def profile_fn(fn, cuda: bool, steps: int) -> dict:
@@ -124,10 +171,15 @@ def main() -> int:
         try:
             with precision_flags(p.mode):
                 fn = step_fn(model, b.op, z, y)
+                first = _loaded_modules()
                 first_s = b.first_call_s(fn)
+                wrappers = inductor_wrappers(first) if p.compile != "off" else []
                 ms = b.time_ms(fn, repeat, warm)
                 prof = profile_fn(fn, cuda, 3 if not args.smoke else 1)
-            res["variants"][name] = dict(ms=ms, first_call_s=first_s, **prof)
+            res["variants"][name] = dict(ms=ms, first_call_s=first_s, **prof,
+                                         wrappers=[dict(file=f, **wrapper_summary(c)) for f, c in wrappers])
+            if wrappers:    # the host code of the forward and backward graphs, for reading
+                (out / f"wrapper_{name}.py.txt").write_text("\n\n".join(f"# {f}\n{c}" for f, c in wrappers))
         except Exception as err:  # noqa: BLE001 - record, go on
             res["variants"][name] = dict(error=f"{type(err).__name__}: {err}"[:500])
         prepare_model(model, Precision("daps"))
@@ -144,6 +196,8 @@ def main() -> int:
             print(f"  copy op {r['ms']:7.2f} ms x{r['calls']:<4} {r['op']} {r['shapes'][:100]}")
         for r in v["parents"][:6]:
             print(f"  {r['op']} under {r['under']}: {r['ms']:6.2f} ms x{r['calls']:<4} {r['shapes'][:80]}")
+        for w in v["wrappers"]:
+            print("  wrapper " + ", ".join(f"{k} {w[k]}" for k in WRAPPER_PATTERNS) + f" ({Path(w['file']).name})")
     return 0
 
 

@@ -50,3 +50,19 @@ def test_profile_smoke_lists_kernels_and_copies(tmp_path):
     for name in ("daps", "bf16_cl"):
         v = res["variants"][name]
         assert v["ms"] > 0 and v["top"] and "copies" in v and v["parents"] and v["parents"][0]["under"]
+
+
+def test_profile_reads_the_inductor_wrappers_of_a_compiled_graph():
+    """profile_step.py's window on a compiled step: the host code of the forward and backward graphs
+    Inductor wrote (here one convolution: one cuDNN/oneDNN call each way)."""
+    import torch  # noqa: PLC0415
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_step import _loaded_modules, inductor_wrappers, wrapper_summary  # noqa: PLC0415
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    first = _loaded_modules()
+    torch.compile(lambda t: conv(t).square().sum(), dynamic=False)(x).backward()
+    counts = [wrapper_summary(code) for _, code in inductor_wrappers(first)]
+    assert len(counts) == 2                                     # forward, backward
+    assert [c["convolution"] for c in counts] == [1, 0] and [c["convolution_backward"] for c in counts] == [0, 1]
