@@ -4,8 +4,9 @@
     python benchmarks/profile_step.py --smoke --out /tmp/p  on a CPU, tiny model: checks the script
 
 For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same with compile=static,
-with cuda_graphs too, without channels_last, and with compile=dynamic, as treedaps/precision.py
-prepares them; ``--only`` picks some), the median step time
+with cudnn.benchmark (``_benchmark``: cuDNN times its deterministic algorithms and keeps the
+fastest), with cuda_graphs, without channels_last, and with compile=dynamic, as
+treedaps/precision.py prepares them; ``--only`` picks some), the median step time
 (CUDA events) and a torch.profiler table of the kernels: time per kernel class (convolution, matrix
 product, normalisation, element-wise, attention, FFT, copies / casts), the top kernels and the
 eager copy ops with their input shapes (where the compiled step's 27 aten copies come from). For a
@@ -159,6 +160,7 @@ def main() -> int:
     res: dict = {"device": b.dev.describe()["name"], "torch": torch.__version__, "variants": {}}
     variants = [("daps", Precision("daps")), ("bf16_cl", Precision("bf16", channels_last=True)),
                 ("bf16_cl_static", Precision("bf16", compile="static", channels_last=True)),
+                ("bf16_cl_static_benchmark", Precision("bf16", compile="static", channels_last=True)),
                 ("bf16_cl_static_cg", Precision("bf16", compile="static", channels_last=True, cuda_graphs=True)),
                 ("bf16_static", Precision("bf16", compile="static")),
                 ("bf16_cl_dynamic", Precision("bf16", compile="dynamic", channels_last=True))]
@@ -168,6 +170,8 @@ def main() -> int:
             continue
         model = b.model
         prepare_model(model, p)
+        bench_before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = name.endswith("_benchmark")     # cuDNN times its algorithms
         try:
             with precision_flags(p.mode):
                 fn = step_fn(model, b.op, z, y)
@@ -182,6 +186,8 @@ def main() -> int:
                 (out / f"wrapper_{name}.py.txt").write_text("\n\n".join(f"# {f}\n{c}" for f, c in wrappers))
         except Exception as err:  # noqa: BLE001 - record, go on
             res["variants"][name] = dict(error=f"{type(err).__name__}: {err}"[:500])
+        finally:
+            torch.backends.cudnn.benchmark = bench_before
         prepare_model(model, Precision("daps"))
         (out / "profile.json").write_text(json.dumps(res, indent=1))
         v = res["variants"][name]

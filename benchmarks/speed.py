@@ -18,7 +18,9 @@ Sections, in this order (each guarded: a failure is recorded, the rest goes on):
               warm-up, peak memory (allocated / reserved, and above the weights), TFLOP/s from one
               FlopCounterMode count; compile time (first call of fast, forward + backward); the
               compiled graph at batch 2 (after pruning); fast_cg's time (batch 4 and 2) and its
-              check; the speed-up is the chosen variant's
+              check; the speed-up is the chosen variant's. Also the fast step with cuDNN's
+              autotuning (cudnn.benchmark) and with deterministic=false, which runs do not use by
+              default: what reproducibility costs (``cudnn``)
   image       per image (one measurement, 4 particles, 50 annealing steps): exp 0 (Langevin 100) and
               exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast, exp 4 once
               more with the cost-aware optimisation preset. Each kind of annealing step (explore /
@@ -168,9 +170,10 @@ def section_step(b: Bench, res: dict):
                                     **b.peak(fn))
         out["fast_smaller_batches_ms"] = {n: b.time_ms(step_fn(b.fast, b.op, z[:n], y[:n]), repeat, warm)
                                           for n in (2,)}
+        out["cudnn"] = cudnn_variants(b, fn, repeat, warm, m_daps=out["modes"]["daps"]["ms"])
     if b.choose:
         out["cuda_graphs"] = cuda_graph_variant(b, z, y, flops, out["modes"]["fast"]["ms"], repeat, warm)
-    m = out["modes"]
+    m, cudnn = out["modes"], out["cudnn"]
     chosen = out["cuda_graphs"]["ms"] if out.get("cuda_graphs", {}).get("chosen") else m["fast"]["ms"]
     out["speedup_fast_vs_daps"] = m["daps"]["ms"] / chosen
     out["chosen_fast"] = b.fast_precision.describe()
@@ -181,9 +184,34 @@ def section_step(b: Bench, res: dict):
              f"{cg.get('ms', float('nan')):.1f} / {cg.get('batch2_ms', float('nan')):.1f}, "
              f"{cg.get('check_grad_rel_diff')} / {cg.get('check_max_abs_diff')}, {cg.get('chosen')}"),
             ("TFLOP/s daps / fast", f"{m['daps']['tflops']:.1f} / {m['fast']['tflops']:.1f}"),
+            ("fast with cudnn.benchmark / deterministic=false: ms (x daps)",
+             " / ".join(f"{v['ms']:.1f} ({v['speedup_vs_daps']:.2f}x)" for v in cudnn.values())),
             ("step speed-up fastest fast vs daps (target >= 3)", f"{out['speedup_fast_vs_daps']:.2f}x"),
             ("compile (first call, fwd+bwd)", f"{out['compile_s']:.1f} s"),
             ("peak MB above weights daps / fast", f"{m['daps']['above_weights_mb']} / {m['fast']['above_weights_mb']}")]
+
+
+def cudnn_variants(b: Bench, fn, repeat: int, warm: int, m_daps: float) -> dict:
+    """The fast step (static graphs, no CUDA graphs) under two cuDNN settings that runs do not use
+    by default, to measure what reproducibility costs: ``benchmark`` (cudnn.benchmark=True: cuDNN
+    times its algorithms on the first call of each shape and keeps the fastest, still among the
+    deterministic ones; the choice may differ between runs) and ``nondeterministic``
+    (deterministic=false: PyTorch's defaults, any algorithm). ``first_call_s`` shows a recompile
+    if torch.compile guards on the flags. The flags are put back after."""
+    from treedaps.device import apply_determinism  # noqa: PLC0415
+    out = {}
+    for name in ("benchmark", "nondeterministic"):
+        if name == "benchmark":
+            torch.backends.cudnn.benchmark = True
+        else:
+            apply_determinism(False)
+        try:
+            first = b.first_call_s(fn)
+            ms = b.time_ms(fn, repeat, warm)
+        finally:
+            apply_determinism(True)
+        out[name] = dict(ms=ms, first_call_s=first, speedup_vs_daps=m_daps / ms)
+    return out
 
 
 def hmc_end(model, b: Bench, z, y, iters: int = 5):

@@ -27,6 +27,8 @@ def test_speed_smoke_runs_every_section(tmp_path):
     assert res["errors"] == {} and list(res["section_s"]) == ["step", "image", "accuracy", "throughput"]
     modes = res["step"]["modes"]
     assert set(modes) == {"fp32", "daps", "tf32", "bf16", "bf16_cl", "fast"} and all(m["ms"] > 0 for m in modes.values())
+    cudnn = res["step"]["cudnn"]
+    assert set(cudnn) == {"benchmark", "nondeterministic"} and all(v["ms"] > 0 for v in cudnn.values())
     image = res["image"]
     assert set(image) == {"exp0_daps", "exp0b_daps", "exp2_fast", "exp4_fast", "exp4_fast_cost_aware"}
     assert image["exp2_fast"]["kinds"] == {"explore": 5, "prune": 1, "refine": 1, "final": 1}   # 8 steps, prune at t = 200
