@@ -28,7 +28,9 @@ Sections, in this order (each guarded: a failure is recorded, the rest goes on):
               (cuDNN autotuning; a compiled model is pre-warmed before, as a run is), and the
               image time is extrapolated over the plan's 50 steps (stated in the JSON). exp 4's
               time splits into optimisation and MCMC steps, with each event's iterations and
-              milliseconds per iteration
+              milliseconds per iteration. Last, one optimisation event (2 particles, 100
+              iterations) under the optimiser's two read rules: losses read every iteration (the
+              default) or every 25 (``cuda_sync_every=25``)
   accuracy    10 measurements (images decoded from random latents; run one at a time, so the
               batch-4 graphs serve), exp 0 with a short schedule, daps vs fast on the same inputs:
               paired best-of-4 PSNR difference (mean, 95% bootstrap interval), share of identical
@@ -70,6 +72,7 @@ from treedaps.precision import Precision, attention_processors, precision_flags,
 from treedaps.prewarm import prewarm  # noqa: E402
 from treedaps.sampler import daps_step, sample  # noqa: E402
 from treedaps.search import build_search  # noqa: E402
+from treedaps.search.consistency import OptimizationConfig, optimize_latents  # noqa: E402
 from treedaps.throughput import auto_batch_size, images_per_gpu_hour  # noqa: E402
 
 FAST = Precision("bf16", compile="static", channels_last=True)
@@ -341,19 +344,44 @@ def time_image(b: Bench, model, name: str, precision: Precision, extra: tuple[st
                 method="each kind of step run twice from the same state, the second timed, x its count")
 
 
+def optimizer_rules(b: Bench, model, precision: Precision) -> dict:
+    """One optimisation event of 2 particles for 100 iterations (no rule stops them: eps 0, no
+    plateau) under the host rule (the losses read every iteration, the default) and the device
+    rule read every 25 iterations (``cuda_sync_every=25``): ms per iteration (each timed after an
+    untimed run) and the largest latent difference between the two (0 when the rows see the same
+    operations)."""
+    iters = 4 if b.smoke else 100
+    cfg = OptimizationConfig.from_preset("resample", eps=0.0, plateau_window=0, max_iters=iters)
+    z, y = b.inputs(2, seed=2)
+    out, latents = {}, {}
+    with precision_flags(precision.mode):
+        for name, every in (("host", None), ("device_k25", 25)):
+            for _ in range(2):
+                b.dev.synchronize()
+                t = time.perf_counter()
+                latents[name], _ = optimize_latents(z, y, model.decode, b.op, cfg, b.dev, sync_every=every)
+                b.dev.synchronize()
+            out[name] = dict(ms_per_iteration=1000 * (time.perf_counter() - t) / (iters + 1))
+    out["max_abs_diff"] = float((latents["host"] - latents["device_k25"]).abs().max())
+    out["iterations"] = iters
+    return out
+
+
 def section_image(b: Bench, res: dict):
     """exp 4 runs twice: with ReSample's optimisation rules (the default preset, the full method)
-    and with the cost-aware preset (3 events, a 600-iteration budget per particle)."""
+    and with the cost-aware preset (3 events, a 600-iteration budget per particle). Then the
+    optimiser's two read rules on one event (``optimizer_rules``)."""
     out = {"exp0_daps": time_image(b, b.model, "exp0", Precision("daps")),
            "exp0b_daps": time_image(b, b.model, "exp0b", Precision("daps")),
            "exp2_fast": time_image(b, b.fast, "exp2", b.fast_precision),
            "exp4_fast": time_image(b, b.fast, "exp4", b.fast_precision),
            "exp4_fast_cost_aware": time_image(b, b.fast, "exp4", b.fast_precision,
                                               ("search.optimization.preset=cost_aware",))}
+    rules = optimizer_rules(b, b.fast, b.fast_precision)
     base = out["exp0_daps"]["per_image_s"]
     for k in ("exp2_fast", "exp4_fast", "exp4_fast_cost_aware"):
         out[k]["fraction_of_exp0"] = out[k]["per_image_s"] / base
-    res["image"] = out
+    res["image"] = dict(out, optimizer_rules=rules)
     rows = [(f"per image {k} (s)", f"{v['per_image_s']:.1f}" + (f" ({v['fraction_of_exp0']:.2f} of exp 0; target "
              f"<= 0.33)" if "fraction_of_exp0" in v else "")) for k, v in out.items()]
     for k in ("exp4_fast", "exp4_fast_cost_aware"):
@@ -361,6 +389,9 @@ def section_image(b: Bench, res: dict):
         rows.append((f"{k}: optimisation s / MCMC steps s; events' iterations, ms per iteration",
                      f"{v['optimization_s']:.1f} / {v['mcmc_steps_s']:.1f}; "
                      + ", ".join(f"{e['max_iterations']} ({e['ms_per_iteration']:.1f})" for e in events)))
+    rows.append(("optimiser, 2 particles: ms per iteration, losses read every iteration / every 25; max|dz|",
+                 f"{rules['host']['ms_per_iteration']:.2f} / {rules['device_k25']['ms_per_iteration']:.2f}; "
+                 f"{rules['max_abs_diff']:.3g}"))
     return rows
 
 

@@ -30,7 +30,9 @@ def test_speed_smoke_runs_every_section(tmp_path):
     cudnn = res["step"]["cudnn"]
     assert set(cudnn) == {"benchmark", "nondeterministic"} and all(v["ms"] > 0 for v in cudnn.values())
     image = res["image"]
-    assert set(image) == {"exp0_daps", "exp0b_daps", "exp2_fast", "exp4_fast", "exp4_fast_cost_aware"}
+    assert set(image) == {"exp0_daps", "exp0b_daps", "exp2_fast", "exp4_fast", "exp4_fast_cost_aware", "optimizer_rules"}
+    rules = image["optimizer_rules"]      # the same rows under both read rules: the same latents, bit for bit
+    assert rules["max_abs_diff"] == 0 and rules["host"]["ms_per_iteration"] > 0 < rules["device_k25"]["ms_per_iteration"]
     assert image["exp2_fast"]["kinds"] == {"explore": 5, "prune": 1, "refine": 1, "final": 1}   # 8 steps, prune at t = 200
     assert image["exp2_fast"]["optimization_s"] == 0
     exp4 = image["exp4_fast"]

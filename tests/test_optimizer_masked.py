@@ -126,3 +126,22 @@ def test_xla_device_uses_the_device_rule_and_reads_every_k(monkeypatch):
     assert xm.mark_steps == 96                # one graph cut per evaluation
     with pytest.raises(ValueError, match="sync_every must be >= 1"):
         optimize_latents(z, y, nn.Identity(), Duplicate(), cfg, CPU, sync_every=0)
+
+
+@pytest.mark.parametrize("every, reads_expected", [(None, 0), (10, 10)])
+def test_cuda_uses_the_device_rule_only_with_cuda_sync_every(monkeypatch, every, reads_expected):
+    """``cuda_sync_every`` (a stand-in CUDA device on the CPU): null keeps the host rule; K runs
+    the stop rules as masks, read every K iterations, with the host rule's results. The CPU
+    ignores the key."""
+    reads = []
+    real = optimizer_masked._read_back
+    monkeypatch.setattr(optimizer_masked, "_read_back", lambda *a: reads.append(1) or real(*a))
+    z, y = planted_linear()
+    cfg = OptimizationConfig.from_preset("resample", plateau_window=20, max_iters=95)
+    z_cuda, cuda = optimize_latents(z, y, nn.Identity(), Duplicate(), cfg,
+                                    Device("cuda", torch.device("cpu"), cuda_sync_every=every))
+    assert len(reads) == reads_expected
+    z_host, host = optimize_latents(z, y, nn.Identity(), Duplicate(), cfg, CPU)
+    assert torch.equal(z_cuda, z_host)
+    assert [(r.stop_reason, r.iterations) for r in cuda] == [(r.stop_reason, r.iterations) for r in host]
+    assert Device("cpu", torch.device("cpu"), cuda_sync_every=10).optimizer_sync_every() is None

@@ -336,7 +336,8 @@ def test_batch_shrinks_under_the_wrapped_networks(tiny):
     ("precision=fp16", "precision must be one of"), ("batch_size=0", "must be auto or an integer"),
     ("batch_size=many", "must be auto or an integer"), ("compile=1", "compile must be true, false, static or dynamic"),
     ("cuda_graphs=true", "cuda_graphs=true needs compile=static"),
-    ("cuda_graphs=yes", "cuda_graphs must be true or false")])
+    ("cuda_graphs=yes", "cuda_graphs must be true or false"),
+    ("cuda_sync_every=0", "cuda_sync_every must be null"), ("cuda_sync_every=true", "cuda_sync_every must be null")])
 def test_config_refuses_bad_values(tmp_path, override, message):
     from conftest import make_cfg  # noqa: PLC0415
     from treedaps.config import ConfigError, validate  # noqa: PLC0415
@@ -350,13 +351,14 @@ def test_run_records_precision_and_throughput(tmp_path):
     from treedaps.runner import Experiment  # noqa: PLC0415
     before = read_flags()
     try:
-        out = Experiment(make_cfg(tmp_path, "precision=tf32", "batch_size=auto", "data.end_id=2",
+        out = Experiment(make_cfg(tmp_path, "precision=tf32", "batch_size=auto", "data.end_id=2", "cuda_sync_every=25",
                                   "save_grids=false", "save_samples=false")).run()
     finally:
         restore_flags(before)
     meta = out["metadata"]
     assert meta["precision"]["mode"] == "tf32" and meta["precision"]["tf32_matmul"] is True
     assert meta["batch_size"]["config"] == "auto" and "cpu" in meta["batch_size"]["probe"]["reason"]
+    assert meta["optimizer_sync_every"] is None          # cuda_sync_every: CUDA only; the CPU reads every iteration
     timing = out["timing"]
     assert timing["images_per_gpu_hour"] == pytest.approx(2 / timing["total_s"] * 3600)
 

@@ -32,7 +32,7 @@ RUN_KEYS = ("name", "save_dir", "seed", "seeds", "num_samples", "repulsion_scale
             "optimization_step", "branch_timestep", "use_tpu", "device", "gpu", "batch_size", "num_runs",
             "task_group", "eval_fn_list", "save_samples", "save_grids", "progress", "deterministic",
             "threads", "dist_timeout_min", "algorithm", "precision", "compile", "channels_last",
-            "cuda_graphs", "tpu_cores", "xla_cache_dir", "xla_sync_every", "xla_rng", "xla_prewarm")
+            "cuda_graphs", "cuda_sync_every", "tpu_cores", "xla_cache_dir", "xla_sync_every", "xla_rng", "xla_prewarm")
 TELEMETRY_KEYS = ("diagnostics", "pairwise_matrices", "prior_score")
 # DAPS's mcmc_sampler_config names -> MCMCConfig fields; prior_sigma_min is DAPS's and unused here.
 MCMC_NAMES = {"mc_algo": "algo"}
@@ -196,6 +196,9 @@ def validate(cfg: DictConfig) -> Settings:
         XlaOptions.from_config(cfg)
     except ValueError as err:
         _fail(str(err))
+    every = cfg.get("cuda_sync_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        _fail(f"cuda_sync_every must be null (read every iteration) or an integer >= 1, got {every!r}")
     metrics = tuple(cfg.eval_fn_list)
     for m in metrics:
         if m not in METRICS:

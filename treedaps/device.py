@@ -16,6 +16,9 @@
 * XLA options (``XlaOptions``, config keys ``xla_sync_every``, ``xla_rng``, ``xla_prewarm``; docs/tpu.md):
   how often the latent optimiser reads its stop decisions back, XLA's own generator for the
   annealing noise (``seeded_normal``), and the shape pre-warm (``treedaps/prewarm.py``).
+* the latent optimiser's reads (``optimizer_sync_every``): every iteration on the CPU and, by
+  default, on CUDA; every ``xla_sync_every`` iterations on XLA and every ``cuda_sync_every`` on
+  CUDA when that key is set (the host then does not wait for each iteration's loss).
 * step boundaries: on XLA ``mark_step`` after every MCMC / optimisation iteration (otherwise the
   lazy graph unrolls dozens of decoder passes) and at every annealing step; no-ops elsewhere.
 * timing: ``synchronize`` before reading a clock (CUDA: ``torch.cuda.synchronize``; XLA:
@@ -74,6 +77,15 @@ class Device:
     _xm: object = field(default=None, repr=False)
     deterministic: bool | None = None   # the flag apply_determinism was called with (None: never)
     xla: XlaOptions = field(default_factory=XlaOptions)   # used only when kind == "xla"
+    cuda_sync_every: int | None = None  # config key of that name; used only when kind == "cuda"
+
+    def optimizer_sync_every(self) -> int | None:
+        """How often the latent optimiser reads its stop decisions back: None = every iteration
+        (the host rule: the CPU, and CUDA by default), K = its stop rules run on the device and
+        are read every K iterations (XLA's ``xla_sync_every``, CUDA's ``cuda_sync_every``)."""
+        if self.kind == "xla":
+            return self.xla.sync_every
+        return self.cuda_sync_every if self.kind == "cuda" else None
 
     # -- random numbers ------------------------------------------------------------------------
     def generator(self, seed: int) -> torch.Generator:

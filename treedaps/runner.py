@@ -50,6 +50,7 @@ class Experiment:
         self.device: Device = select_device(str(cfg.device), gpu, bool(cfg.use_tpu), bool(cfg.deterministic),
                                             cfg.threads, str(cfg.model.name))
         self.device.xla = XlaOptions.from_config(cfg)
+        self.device.cuda_sync_every = cfg.get("cuda_sync_every")
         self.precision = Precision.from_config(cfg)
         apply_flags(self.precision.mode)          # global, like the determinism flags
         log.info("%s", self.device.startup_line())
@@ -241,6 +242,7 @@ class Experiment:
             algorithm=self.baseline.description if self.baseline else "latent_daps",
             xla=(dict(self.device.xla.as_dict(), prewarm=getattr(self, "prewarm_record", None))
                  if self.device.kind == "xla" else None),
+            optimizer_sync_every=self.device.optimizer_sync_every(),
             written=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         merged = record.merge(units, metadata, self.settings.metrics)

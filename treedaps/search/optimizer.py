@@ -137,15 +137,17 @@ def optimize_latents(z_start: torch.Tensor, y: torch.Tensor, decode: Callable, o
     particle does not run (returned unchanged, reason ``cap_reasons[b]``, no decoder pass).
     ``on_iteration(dict(iteration=i, particles=[batch positions evaluated]))`` is called after
     every iteration (for an observer; nothing here reads a clock or waits for the device).
-    ``sync_every``: None = the host rule (losses read every iteration) on CPU / CUDA and the
-    device rule (``optimizer_masked``: read back every ``device.xla.sync_every`` iterations) on
-    XLA; an integer K forces the device rule with period K (same iterations, stop reasons and
-    latents; decoder counts then include the evaluations of stopped rows before the read).
+    ``sync_every``: None = the device's choice (``Device.optimizer_sync_every``): the host rule
+    (losses read every iteration) on the CPU and by default on CUDA, the device rule
+    (``optimizer_masked``: read back every K iterations) on XLA (``xla_sync_every``) and on CUDA
+    with ``cuda_sync_every``; an integer K forces the device rule with period K (same iterations,
+    stop reasons and latents; decoder counts then include the evaluations of stopped rows before
+    the read).
     Returns (z at each particle's stopping point (B, ...), per-particle results).
     """
     setup = Setup.build(z_start, operator, cfg, ids, caps, cap_reasons, sigma_y)
-    if sync_every is None and device.kind == "xla":
-        sync_every = device.xla.sync_every
+    if sync_every is None:
+        sync_every = device.optimizer_sync_every()
     if setup.active and sync_every is not None:
         from .optimizer_masked import run_masked  # noqa: PLC0415 - it imports this module
         run_masked(setup, z_start, y, decode, operator, cfg, device, int(sync_every), on_iteration)
