@@ -4,16 +4,20 @@
     python benchmarks/profile_step.py --smoke --out /tmp/p  on a CPU, tiny model: checks the script
 
 For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same with compile=static,
-with cudnn.benchmark (``_benchmark``: cuDNN times its deterministic algorithms and keeps the
-fastest), with cuda_graphs, without channels_last, and with compile=dynamic, as
-treedaps/precision.py prepares them; ``--only`` picks some), the median step time
+the same with NHWC gradients and saved inputs forced at every convolution (``_nhwc``, an
+experiment: ``nhwc_hooks``), with cudnn.benchmark (``_benchmark``: cuDNN times its deterministic
+algorithms and keeps the fastest), with cuda_graphs, without channels_last, and with
+compile=dynamic, as treedaps/precision.py prepares them; ``--only`` picks some), the median step time
 (CUDA events) and a torch.profiler table of the kernels: time per kernel class (convolution, matrix
 product, normalisation, element-wise, attention, FFT, copies / casts), the top kernels and the
 eager copy ops with their input shapes (where the compiled step's 27 aten copies come from). For a
 compiled variant, the host code of Inductor's forward and backward graphs (``call``: kernel
 launches, cuDNN convolutions and their backward, allocations, copies) goes to
 <out>/wrapper_<variant>.py.txt, with a count of those lines in the JSON. The answer to "which
-kernels limit the fast path" of docs/benchmarks.md. Details in <out>/profile.json.
+kernels limit the fast path" of docs/benchmarks.md. Also the layouts (NCHW / NHWC) of the
+gradient, input and weight that each convolution backward of a compiled graph received
+(``ConvBackwardLayouts``; not under cuda_graphs): cuDNN converts an NCHW argument when the others
+are NHWC. Details in <out>/profile.json.
 """
 from __future__ import annotations
 
@@ -36,6 +40,74 @@ CLASSES = (("attention", ("attention", "fmha", "flash", "softmax")), ("fft", ("f
            ("convolution", ("conv", "implicit", "winograd", "dgrad", "wgrad", "fprop", "nhwc", "nchw")),
            ("matmul", ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet")),
            ("norm", ("norm", "welford")), ("copy/cast", ("copy", "cast", "convert", "to_copy", "transpose")))
+
+
+class ConvBackwardLayouts:
+    """``with ConvBackwardLayouts() as spy:`` records, for every convolution backward that
+    Inductor-compiled code runs inside, whether its gradient, input and weight are NHWC.
+
+    Compiled code calls ``torch.ops.aten.convolution_backward.default`` from Python, so the spy
+    stands in for that attribute for the duration. (A dispatch mode would make torch.compile run
+    the model eagerly and show eager layouts.) Eager autograd calls the op from C++ and is not
+    seen, nor is a CUDA graph replay."""
+
+    def __init__(self):
+        self.calls: list[tuple[bool, bool, bool]] = []
+        self._packet = torch.ops.aten.convolution_backward
+        self._op = self._packet.default
+
+    def _record(self, *args, **kwargs):
+        self.calls.append(tuple(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                                for t in args[:3]))
+        return self._op(*args, **kwargs)
+
+    def __enter__(self) -> "ConvBackwardLayouts":
+        self._packet.default = self._record
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._packet.default = self._op
+
+    def summary(self) -> dict[str, int]:
+        """Calls by layout of (gradient, input, weight), e.g. {"NCHW/NHWC/NHWC": 11}."""
+        out: dict[str, int] = {}
+        for call in self.calls:
+            key = "/".join("NHWC" if c else "NCHW" for c in call)
+            out[key] = out.get(key, 0) + 1
+        return out
+
+
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity whose backward hands the gradient on channels-last."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def nhwc_hooks(network: torch.nn.Module) -> list:
+    """The ``_nhwc`` experiment: every 2-d convolution of ``network`` stores its input for the
+    backward channels-last (a forward pre-hook) and receives its output's gradient channels-last
+    (a forward hook), so that no convolution backward gets an NCHW argument beside NHWC ones.
+    Register before the first compiled call (torch.compile does not guard on module hooks).
+    Returns the hook handles."""
+    def pre(module, args):
+        x = args[0]
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:]) if x.requires_grad and x.dim() == 4 \
+            else None
+
+    def post(module, args, out):
+        return _ChannelsLastGrad.apply(out) if out.requires_grad and out.dim() == 4 else out
+
+    handles = []
+    for m in network.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    return handles
 
 
 def _loaded_modules() -> int:
@@ -161,15 +233,21 @@ def main() -> int:
     variants = [("daps", Precision("daps")), ("bf16_cl", Precision("bf16", channels_last=True)),
                 ("bf16_cl_static", Precision("bf16", compile="static", channels_last=True)),
                 ("bf16_cl_static_benchmark", Precision("bf16", compile="static", channels_last=True)),
+                ("bf16_cl_static_nhwc", Precision("bf16", compile="static", channels_last=True)),
                 ("bf16_cl_static_cg", Precision("bf16", compile="static", channels_last=True, cuda_graphs=True)),
                 ("bf16_static", Precision("bf16", compile="static")),
                 ("bf16_cl_dynamic", Precision("bf16", compile="dynamic", channels_last=True))]
     repeat, warm = (2, 1) if args.smoke else (20, 5)
+    compiled = None         # the settings of the graphs torch.compile holds now
     for name, p in variants:
         if args.only and name not in args.only:
             continue
         model = b.model
+        if p.compile != "off" and compiled not in (None, (p, name.endswith("_nhwc"))):
+            torch._dynamo.reset()       # it does not guard on module hooks: no graph of another variant
+        compiled = (p, name.endswith("_nhwc")) if p.compile != "off" else compiled
         prepare_model(model, p)
+        hooks = nhwc_hooks(model.hookable_modules()["decoder"]) if name.endswith("_nhwc") else []
         bench_before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = name.endswith("_benchmark")     # cuDNN times its algorithms
         try:
@@ -180,7 +258,12 @@ def main() -> int:
                 wrappers = inductor_wrappers(first) if p.compile != "off" else []
                 ms = b.time_ms(fn, repeat, warm)
                 prof = profile_fn(fn, cuda, 3 if not args.smoke else 1)
-            res["variants"][name] = dict(ms=ms, first_call_s=first_s, **prof,
+                layouts = None
+                if not p.cuda_graphs:       # a graph replay hides the ops
+                    with ConvBackwardLayouts() as spy:
+                        fn()
+                    layouts = spy.summary()
+            res["variants"][name] = dict(ms=ms, first_call_s=first_s, **prof, conv_backward_layouts=layouts,
                                          wrappers=[dict(file=f, **wrapper_summary(c)) for f, c in wrappers])
             if wrappers:    # the host code of the forward and backward graphs, for reading
                 (out / f"wrapper_{name}.py.txt").write_text("\n\n".join(f"# {f}\n{c}" for f, c in wrappers))
@@ -188,6 +271,8 @@ def main() -> int:
             res["variants"][name] = dict(error=f"{type(err).__name__}: {err}"[:500])
         finally:
             torch.backends.cudnn.benchmark = bench_before
+            for h in hooks:
+                h.remove()
         prepare_model(model, Precision("daps"))
         (out / "profile.json").write_text(json.dumps(res, indent=1))
         v = res["variants"][name]
@@ -202,6 +287,9 @@ def main() -> int:
             print(f"  copy op {r['ms']:7.2f} ms x{r['calls']:<4} {r['op']} {r['shapes'][:100]}")
         for r in v["parents"][:6]:
             print(f"  {r['op']} under {r['under']}: {r['ms']:6.2f} ms x{r['calls']:<4} {r['shapes'][:80]}")
+        if v["conv_backward_layouts"]:
+            print("  convolution backwards by layout of gradient/input/weight: "
+                  + ", ".join(f"{k} x{n}" for k, n in v["conv_backward_layouts"].items()))
         for w in v["wrappers"]:
             print("  wrapper " + ", ".join(f"{k} {w[k]}" for k in WRAPPER_PATTERNS) + f" ({Path(w['file']).name})")
     return 0

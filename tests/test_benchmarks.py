@@ -56,17 +56,38 @@ def test_profile_smoke_lists_kernels_and_copies(tmp_path):
         assert v["ms"] > 0 and v["top"] and "copies" in v and v["parents"] and v["parents"][0]["under"]
 
 
-def test_profile_reads_the_inductor_wrappers_of_a_compiled_graph():
-    """profile_step.py's window on a compiled step: the host code of the forward and backward graphs
-    Inductor wrote (here one convolution: one cuDNN/oneDNN call each way)."""
+def test_profile_reads_the_inductor_wrappers_and_layouts_of_a_compiled_graph():
+    """profile_step.py's windows on a compiled step: the host code of the forward and backward graphs
+    Inductor wrote (one convolution: one call each way), and the layouts its convolution backward
+    received (seen in compiled code only, not in eager autograd). The ``_nhwc`` experiment's hooks
+    change layouts; values only by float32 rounding."""
     import torch  # noqa: PLC0415
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from profile_step import _loaded_modules, inductor_wrappers, wrapper_summary  # noqa: PLC0415
+    from profile_step import (ConvBackwardLayouts, _ChannelsLastGrad, _loaded_modules,  # noqa: PLC0415
+                              inductor_wrappers, nhwc_hooks, wrapper_summary)
     torch._dynamo.reset()
-    conv = torch.nn.Conv2d(3, 5, 3, padding=1).requires_grad_(False)
-    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).requires_grad_(False).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last).requires_grad_(True)
     first = _loaded_modules()
-    torch.compile(lambda t: conv(t).square().sum(), dynamic=False)(x).backward()
+    step = torch.compile(lambda t: conv(t).square().sum(), dynamic=False)
+    step(x).backward()
     counts = [wrapper_summary(code) for _, code in inductor_wrappers(first)]
     assert len(counts) == 2                                     # forward, backward
     assert [c["convolution"] for c in counts] == [1, 0] and [c["convolution_backward"] for c in counts] == [0, 1]
+    with ConvBackwardLayouts() as spy:
+        step(x).backward()
+        conv(x).square().sum().backward()                       # eager: not seen
+    assert spy.calls == [(True, True, True)] and spy.summary() == {"NHWC/NHWC/NHWC": 1}
+    assert torch.ops.aten.convolution_backward.default is spy._op           # put back
+
+    g = torch.arange(120.0).view(2, 3, 4, 5)
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    grad, = torch.autograd.grad(_ChannelsLastGrad.apply(x), x, g)
+    assert grad.is_contiguous(memory_format=torch.channels_last) and torch.equal(grad, g)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(5, 2, 1))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    before = net(x)
+    handles = nhwc_hooks(net)
+    assert len(handles) == 4 and torch.allclose(net(x), before, rtol=0, atol=1e-6)   # NHWC kernels round differently
+    for h in handles:
+        h.remove()
