@@ -20,7 +20,8 @@ Sections, in this order (each guarded: a failure is recorded, the rest goes on):
               compiled graph at batch 2 (after pruning); fast_cg's time (batch 4 and 2) and its
               check; the speed-up is the chosen variant's. Also the fast step with cuDNN's
               autotuning (cudnn.benchmark) and with deterministic=false, which runs do not use by
-              default: what reproducibility costs (``cudnn``)
+              default (what reproducibility costs), and with PyTorch's NaN fill of new outputs,
+              which runs switch off (``cudnn``)
   image       per image (one measurement, 4 particles, 50 annealing steps): exp 0 (Langevin 100) and
               exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast, exp 4 once
               more with the cost-aware optimisation preset. Each kind of annealing step (explore /
@@ -187,7 +188,7 @@ def section_step(b: Bench, res: dict):
              f"{cg.get('ms', float('nan')):.1f} / {cg.get('batch2_ms', float('nan')):.1f}, "
              f"{cg.get('check_grad_rel_diff')} / {cg.get('check_max_abs_diff')}, {cg.get('chosen')}"),
             ("TFLOP/s daps / fast", f"{m['daps']['tflops']:.1f} / {m['fast']['tflops']:.1f}"),
-            ("fast with cudnn.benchmark / deterministic=false: ms (x daps)",
+            ("fast with cudnn.benchmark / deterministic=false / NaN fill: ms (x daps)",
              " / ".join(f"{v['ms']:.1f} ({v['speedup_vs_daps']:.2f}x)" for v in cudnn.values())),
             ("step speed-up fastest fast vs daps (target >= 3)", f"{out['speedup_fast_vs_daps']:.2f}x"),
             ("compile (first call, fwd+bwd)", f"{out['compile_s']:.1f} s"),
@@ -195,17 +196,21 @@ def section_step(b: Bench, res: dict):
 
 
 def cudnn_variants(b: Bench, fn, repeat: int, warm: int, m_daps: float) -> dict:
-    """The fast step (static graphs, no CUDA graphs) under two cuDNN settings that runs do not use
-    by default, to measure what reproducibility costs: ``benchmark`` (cudnn.benchmark=True: cuDNN
-    times its algorithms on the first call of each shape and keeps the fastest, still among the
-    deterministic ones; the choice may differ between runs) and ``nondeterministic``
-    (deterministic=false: PyTorch's defaults, any algorithm). ``first_call_s`` shows a recompile
-    if torch.compile guards on the flags. The flags are put back after."""
+    """The fast step (static graphs, no CUDA graphs) under settings that runs do not use by
+    default: ``benchmark`` (cudnn.benchmark=True: cuDNN times its algorithms on the first call of
+    each shape and keeps the fastest, still among the deterministic ones; the choice may differ
+    between runs) and ``nondeterministic`` (deterministic=false: PyTorch's defaults, any
+    algorithm), what reproducibility costs; ``nan_fill`` (PyTorch's NaN fill of fresh ATen
+    outputs under deterministic algorithms, which treedaps/device.py switches off), what that
+    saves. ``first_call_s`` shows a recompile if torch.compile guards on a flag. The flags are put
+    back after."""
     from treedaps.device import apply_determinism  # noqa: PLC0415
     out = {}
-    for name in ("benchmark", "nondeterministic"):
+    for name in ("benchmark", "nondeterministic", "nan_fill"):
         if name == "benchmark":
             torch.backends.cudnn.benchmark = True
+        elif name == "nan_fill":
+            torch.utils.deterministic.fill_uninitialized_memory = True
         else:
             apply_determinism(False)
         try:

@@ -195,6 +195,7 @@ def test_determinism_flags_applied_and_recorded(torch_flags):
     info = dev.describe()
     assert info["deterministic"] is True and info["cudnn_deterministic"] is True
     assert info["cudnn_benchmark"] is False and info["deterministic_algorithms"] is True
+    assert info["fill_uninitialized_memory"] is False
     assert info["cublas_workspace_config"] == ":4096:8" == os.environ["CUBLAS_WORKSPACE_CONFIG"]
     assert info["sdp"]["math"] and not info["sdp"]["flash"] and not info["sdp"]["mem_efficient"]
     line = dev.startup_line()
@@ -204,6 +205,20 @@ def test_determinism_flags_applied_and_recorded(torch_flags):
     info = select_device("cpu", deterministic=False).describe()
     assert info["deterministic"] is False and not torch.are_deterministic_algorithms_enabled()
     assert info["cudnn_deterministic"] is False and info["sdp"]["flash"] and info["sdp"]["mem_efficient"]
+
+
+def test_no_nan_fill_of_new_outputs_and_the_same_numbers(torch_flags):
+    """deterministic=true leaves out PyTorch's NaN fill of fresh ATen outputs: a convolution's output
+    and input gradient are bitwise the same with the fill on."""
+    select_device("cpu", deterministic=True)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    runs = []
+    for fill in (False, True):
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        out = conv(x)
+        runs.append((out, *torch.autograd.grad(out.square().sum(), x)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_threads(torch_flags, monkeypatch):

@@ -6,7 +6,11 @@
 * determinism (``deterministic=true``, DAPS sets ``cudnn.deterministic``): cuDNN deterministic and no
   benchmark, ``use_deterministic_algorithms(True, warn_only=True)``, ``CUBLAS_WORKSPACE_CONFIG``,
   and only the math attention kernel (flash / memory-efficient / cuDNN attention have
-  non-deterministic backward passes); ``false``: PyTorch's defaults.
+  non-deterministic backward passes); ``false``: PyTorch's defaults. Deterministic algorithms
+  would also fill every fresh allocation of an ATen op with NaN
+  (``torch.utils.deterministic.fill_uninitialized_memory``), a guard against kernels that read
+  memory they never wrote; that is switched off, as it adds a write of each output and cannot
+  change what correct kernels compute (the H200's compiled step ran 27 such bf16 fills).
 * CPU threads (``threads=auto``): 1 for the embedded toy prior on the CPU (tiny tensors: more threads
   only contend, README "Timings"), PyTorch's default otherwise; an integer sets it.
 * random numbers: CUDA and CPU use per-particle ``torch.Generator`` objects on the device. XLA has
@@ -207,6 +211,7 @@ def determinism_flags() -> dict:
                 cudnn_benchmark=torch.backends.cudnn.benchmark,
                 deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
                 deterministic_warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+                fill_uninitialized_memory=torch.utils.deterministic.fill_uninitialized_memory,
                 cublas_workspace_config=os.environ.get("CUBLAS_WORKSPACE_CONFIG"), sdp=sdp)
 
 
@@ -219,6 +224,7 @@ def apply_determinism(flag: bool) -> None:
     torch.backends.cudnn.deterministic = flag
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(flag, warn_only=flag)
+    torch.utils.deterministic.fill_uninitialized_memory = False    # module docstring
     cuda = torch.backends.cuda
     cuda.enable_flash_sdp(not flag)
     cuda.enable_mem_efficient_sdp(not flag)
