@@ -21,7 +21,7 @@ Sections, in this order (each guarded: a failure is recorded, the rest goes on):
               check; the speed-up is the chosen variant's. Also the fast step with cuDNN's
               autotuning (cudnn.benchmark) and with deterministic=false, which runs do not use by
               default (what reproducibility costs), and with PyTorch's NaN fill of new outputs,
-              which runs switch off (``cudnn``)
+              which runs switch off (``flags``)
   image       per image (one measurement, 4 particles, 50 annealing steps): exp 0 (Langevin 100) and
               exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast, exp 4 once
               more with the cost-aware optimisation preset. Each kind of annealing step (explore /
@@ -174,10 +174,10 @@ def section_step(b: Bench, res: dict):
                                     **b.peak(fn))
         out["fast_smaller_batches_ms"] = {n: b.time_ms(step_fn(b.fast, b.op, z[:n], y[:n]), repeat, warm)
                                           for n in (2,)}
-        out["cudnn"] = cudnn_variants(b, fn, repeat, warm, m_daps=out["modes"]["daps"]["ms"])
+        out["flags"] = flag_variants(b, fn, repeat, warm, m_daps=out["modes"]["daps"]["ms"])
     if b.choose:
         out["cuda_graphs"] = cuda_graph_variant(b, z, y, flops, out["modes"]["fast"]["ms"], repeat, warm)
-    m, cudnn = out["modes"], out["cudnn"]
+    m, flags = out["modes"], out["flags"]
     chosen = out["cuda_graphs"]["ms"] if out.get("cuda_graphs", {}).get("chosen") else m["fast"]["ms"]
     out["speedup_fast_vs_daps"] = m["daps"]["ms"] / chosen
     out["chosen_fast"] = b.fast_precision.describe()
@@ -189,13 +189,13 @@ def section_step(b: Bench, res: dict):
              f"{cg.get('check_grad_rel_diff')} / {cg.get('check_max_abs_diff')}, {cg.get('chosen')}"),
             ("TFLOP/s daps / fast", f"{m['daps']['tflops']:.1f} / {m['fast']['tflops']:.1f}"),
             ("fast with cudnn.benchmark / deterministic=false / NaN fill: ms (x daps)",
-             " / ".join(f"{v['ms']:.1f} ({v['speedup_vs_daps']:.2f}x)" for v in cudnn.values())),
+             " / ".join(f"{v['ms']:.1f} ({v['speedup_vs_daps']:.2f}x)" for v in flags.values())),
             ("step speed-up fastest fast vs daps (target >= 3)", f"{out['speedup_fast_vs_daps']:.2f}x"),
             ("compile (first call, fwd+bwd)", f"{out['compile_s']:.1f} s"),
             ("peak MB above weights daps / fast", f"{m['daps']['above_weights_mb']} / {m['fast']['above_weights_mb']}")]
 
 
-def cudnn_variants(b: Bench, fn, repeat: int, warm: int, m_daps: float) -> dict:
+def flag_variants(b: Bench, fn, repeat: int, warm: int, m_daps: float) -> dict:
     """The fast step (static graphs, no CUDA graphs) under settings that runs do not use by
     default: ``benchmark`` (cudnn.benchmark=True: cuDNN times its algorithms on the first call of
     each shape and keeps the fastest, still among the deterministic ones; the choice may differ

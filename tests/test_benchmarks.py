@@ -27,8 +27,8 @@ def test_speed_smoke_runs_every_section(tmp_path):
     assert res["errors"] == {} and list(res["section_s"]) == ["step", "image", "accuracy", "throughput"]
     modes = res["step"]["modes"]
     assert set(modes) == {"fp32", "daps", "tf32", "bf16", "bf16_cl", "fast"} and all(m["ms"] > 0 for m in modes.values())
-    cudnn = res["step"]["cudnn"]
-    assert set(cudnn) == {"benchmark", "nondeterministic", "nan_fill"} and all(v["ms"] > 0 for v in cudnn.values())
+    flags = res["step"]["flags"]
+    assert set(flags) == {"benchmark", "nondeterministic", "nan_fill"} and all(v["ms"] > 0 for v in flags.values())
     image = res["image"]
     assert set(image) == {"exp0_daps", "exp0b_daps", "exp2_fast", "exp4_fast", "exp4_fast_cost_aware", "optimizer_rules"}
     rules = image["optimizer_rules"]      # the same rows under both read rules: the same latents, bit for bit
