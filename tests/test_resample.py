@@ -11,7 +11,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from treedaps.baselines import build_baseline
 from treedaps.baselines import hard_consistency as hc
 from treedaps.baselines.resample import (ResampleConfig, ddim_grid, resample, resample_plan, stage,
                                          stochastic_resample)

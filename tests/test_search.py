@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from treedaps.device import select_device
 from treedaps.mcmc import MCMCConfig

@@ -30,8 +30,6 @@ import torch
 from ..device import Device
 from ..search.consistency import OptimizationConfig
 from ..search.optimizer import _new_optimizer, _shrink, optimize_latents, row_losses
-from .settings import COUPLINGS
-
 
 
 def settings(lr: float, max_iters: int, eps: float, plateau_window: int, weight_decay: float) -> OptimizationConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 ALGORITHMS = ("latent_daps", "resample")
-COUPLINGS = ("independent", "faithful")   # treedaps/baselines/hard_consistency.py
+COUPLINGS = ("independent", "faithful")   # treedaps/baselines/hard_consistency.py runs both
 
 
 @dataclass(frozen=True)
