@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .baselines.settings import ALGORITHMS, ResampleConfig
-from .device import XlaOptions
+from .device import XlaOptions, sync_every_key
 from .errors import ConfigError
 from .mcmc import MCMCConfig
 from .modes import ModeThresholds
@@ -194,11 +194,9 @@ def validate(cfg: DictConfig) -> Settings:
         _fail(f"tpu_cores must be auto (every local TPU core) or 1, got {cfg.tpu_cores!r}")
     try:
         XlaOptions.from_config(cfg)
+        sync_every_key(cfg, "cuda_sync_every", None)
     except ValueError as err:
         _fail(str(err))
-    every = cfg.get("cuda_sync_every")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        _fail(f"cuda_sync_every must be null (read every iteration) or an integer >= 1, got {every!r}")
     metrics = tuple(cfg.eval_fn_list)
     for m in metrics:
         if m not in METRICS:

@@ -47,6 +47,19 @@ log = logging.getLogger("treedaps")
 CUBLAS_WORKSPACE = ":4096:8"     # what cuBLAS needs for reproducible results (CUDA docs, "Reproducibility")
 
 
+def sync_every_key(cfg, key: str, default: int | None) -> int | None:
+    """The latent optimiser's read period from config ``key`` (``xla_sync_every``,
+    ``cuda_sync_every``): an integer >= 1, or null where ``default`` is None (read every
+    iteration); ValueError (one line, naming the key) otherwise."""
+    every = cfg.get(key, default)
+    if every is None and default is None:
+        return None
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        null = "null (read every iteration) or " if default is None else ""
+        raise ValueError(f"{key} must be {null}an integer >= 1, got {every!r}")
+    return int(every)
+
+
 @dataclass(frozen=True)
 class XlaOptions:
     """What ``use_tpu=true`` runs may change (docs/tpu.md): ``sync_every`` (the latent optimiser
@@ -60,15 +73,14 @@ class XlaOptions:
     @classmethod
     def from_config(cls, cfg) -> "XlaOptions":
         """From the run's keys; ValueError (one line, naming the key) for a bad value."""
-        every, rng, prewarm = cfg.get("xla_sync_every", 25), cfg.get("xla_rng", False), cfg.get("xla_prewarm", False)
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"xla_sync_every must be an integer >= 1, got {every!r}")
+        every = sync_every_key(cfg, "xla_sync_every", 25)
+        rng, prewarm = cfg.get("xla_rng", False), cfg.get("xla_prewarm", False)
         for key, value in (("xla_rng", rng), ("xla_prewarm", prewarm)):
             if not isinstance(value, bool):
                 raise ValueError(f"{key} must be true or false, got {value!r}")
             if value and not bool(cfg.get("use_tpu", False)):
                 raise ValueError(f"{key}=true is an XLA option: it needs use_tpu=true (docs/tpu.md)")
-        return cls(int(every), rng, prewarm)
+        return cls(every, rng, prewarm)
 
     def as_dict(self) -> dict:
         return dict(sync_every=self.sync_every, rng=self.rng, prewarm=self.prewarm)

@@ -20,7 +20,7 @@ from . import distributed, record
 from .baselines import build_baseline
 from .config import Settings, to_container, validate
 from .data import build_dataset, check_dataset
-from .device import Device, XlaOptions, select_device
+from .device import Device, XlaOptions, select_device, sync_every_key
 from .metrics import Lpips, default_lpips, evaluate
 from .models import build_model
 from .modes import label_modes
@@ -50,7 +50,7 @@ class Experiment:
         self.device: Device = select_device(str(cfg.device), gpu, bool(cfg.use_tpu), bool(cfg.deterministic),
                                             cfg.threads, str(cfg.model.name))
         self.device.xla = XlaOptions.from_config(cfg)
-        self.device.cuda_sync_every = cfg.get("cuda_sync_every")
+        self.device.cuda_sync_every = sync_every_key(cfg, "cuda_sync_every", None)
         self.precision = Precision.from_config(cfg)
         apply_flags(self.precision.mode)          # global, like the determinism flags
         log.info("%s", self.device.startup_line())
