@@ -7,10 +7,11 @@ is B independent optimisers (Adam is elementwise and the batch objective is the 
 per-particle means); a particle that stops leaves the active set: the parameter and AdamW's state
 rows are rebuilt from the remaining rows (``_shrink``), so the others continue exactly as before
 and the decoder sees a smaller batch. That loop reads every active loss back each iteration (a
-device sync on XLA); on XLA the same rules run on the device (``optimizer_masked``: stopped rows
-frozen, read back every K iterations). It returns per particle: iterations, stop reason, loss
-before / after, cap, decoder evaluations. It reads no clock and never waits for the device (time
-is telemetry's: ``Telemetry._on_optimize_end``); ``on_iteration`` lets an observer follow it.
+device sync); on XLA, and on CUDA with ``cuda_sync_every``, the same rules run on the device
+(``optimizer_masked``: stopped rows frozen, read back every K iterations). It returns per
+particle: iterations, stop reason, loss before / after, cap, decoder evaluations. It reads no
+clock and never waits for the device (time is telemetry's: ``Telemetry._on_optimize_end``);
+``on_iteration`` lets an observer follow it.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""The latent optimiser's stop rules on the device, read back every K iterations (the XLA variant).
+"""The latent optimiser's stop rules on the device, read back every K iterations (XLA always,
+CUDA with ``cuda_sync_every``).
 
 ``optimizer._run_host`` reads every active particle's loss at every iteration to apply the stop
 rules ("eps", "noise", "plateau", cap, "nonfinite"; ``treedaps.search.consistency``'s docstring)
-and drops the rows that stop: on XLA each read is a device sync. Here the same rules are
+and drops the rows that stop: each read is a device sync (on CUDA the host waits for every
+iteration). Here the same rules are
 evaluated as masks on the device. A row whose rule fires is frozen, not removed: its loss no
 longer enters the objective and its AdamW update is undone (``torch.where`` back to the iterate
 before the step), so its latent stays the iterate at which it stopped ("nonfinite": the one
