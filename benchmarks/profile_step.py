@@ -242,12 +242,13 @@ def main() -> int:
     for name, p in variants:
         if args.only and name not in args.only:
             continue
-        model = b.model
-        if p.compile != "off" and compiled not in (None, (p, name.endswith("_nhwc"))):
-            torch._dynamo.reset()       # it does not guard on module hooks: no graph of another variant
-        compiled = (p, name.endswith("_nhwc")) if p.compile != "off" else compiled
+        model, nhwc = b.model, name.endswith("_nhwc")
+        if p.compile != "off":
+            if compiled not in (None, (p, nhwc)):
+                torch._dynamo.reset()   # it does not guard on module hooks: no graph of another variant
+            compiled = (p, nhwc)
         prepare_model(model, p)
-        hooks = nhwc_hooks(model.hookable_modules()["decoder"]) if name.endswith("_nhwc") else []
+        hooks = nhwc_hooks(model.hookable_modules()["decoder"]) if nhwc else []
         bench_before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = name.endswith("_benchmark")     # cuDNN times its algorithms
         try:
