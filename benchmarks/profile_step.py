@@ -5,7 +5,8 @@
 
 For each variant (``daps`` eager, ``bf16`` + channels_last eager, the same with compile=static,
 the same with NHWC gradients and saved inputs forced at every convolution (``_nhwc``, an
-experiment: ``nhwc_hooks``), with cudnn.benchmark (``_benchmark``: cuDNN times its deterministic
+experiment: ``nhwc_hooks``), with nhwc_group_norm (``_gn``: group norms that keep the NHWC layout,
+the package's remedy), with cudnn.benchmark (``_benchmark``: cuDNN times its deterministic
 algorithms and keeps the fastest), with cuda_graphs, without channels_last, and with
 compile=dynamic, as treedaps/precision.py prepares them; ``--only`` picks some), the median step time
 (CUDA events) and a torch.profiler table of the kernels: time per kernel class (convolution, matrix
@@ -234,6 +235,7 @@ def main() -> int:
                 ("bf16_cl_static", Precision("bf16", compile="static", channels_last=True)),
                 ("bf16_cl_static_benchmark", Precision("bf16", compile="static", channels_last=True)),
                 ("bf16_cl_static_nhwc", Precision("bf16", compile="static", channels_last=True)),
+                ("bf16_cl_static_gn", Precision("bf16", compile="static", channels_last=True, nhwc_group_norm=True)),
                 ("bf16_cl_static_cg", Precision("bf16", compile="static", channels_last=True, cuda_graphs=True)),
                 ("bf16_static", Precision("bf16", compile="static")),
                 ("bf16_cl_dynamic", Precision("bf16", compile="dynamic", channels_last=True))]

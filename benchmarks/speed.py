@@ -21,7 +21,10 @@ Sections, in this order (each guarded: a failure is recorded, the rest goes on):
               check; the speed-up is the chosen variant's. Also the fast step with cuDNN's
               autotuning (cudnn.benchmark) and with deterministic=false, which runs do not use by
               default (what reproducibility costs), and with PyTorch's NaN fill of new outputs,
-              which runs switch off (``flags``)
+              which runs switch off (``flags``); and fast with nhwc_group_norm (group norms
+              that keep the NHWC layout: no conversions at the convolutions; off by default
+              until timed), a second copy of the network compiled, with its gradient's relative
+              difference from fast's
   image       per image (one measurement, 4 particles, 50 annealing steps): exp 0 (Langevin 100) and
               exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast, exp 4 once
               more with the cost-aware optimisation preset. Each kind of annealing step (explore /
@@ -175,6 +178,8 @@ def section_step(b: Bench, res: dict):
         out["fast_smaller_batches_ms"] = {n: b.time_ms(step_fn(b.fast, b.op, z[:n], y[:n]), repeat, warm)
                                           for n in (2,)}
         out["flags"] = flag_variants(b, fn, repeat, warm, m_daps=out["modes"]["daps"]["ms"])
+        out["flags"]["nhwc_group_norm"] = nhwc_group_norm_variant(b, z, y, fn, repeat, warm,
+                                                                  m_daps=out["modes"]["daps"]["ms"])
     if b.choose:
         out["cuda_graphs"] = cuda_graph_variant(b, z, y, flops, out["modes"]["fast"]["ms"], repeat, warm)
     m, flags = out["modes"], out["flags"]
@@ -188,8 +193,10 @@ def section_step(b: Bench, res: dict):
              f"{cg.get('ms', float('nan')):.1f} / {cg.get('batch2_ms', float('nan')):.1f}, "
              f"{cg.get('check_grad_rel_diff')} / {cg.get('check_max_abs_diff')}, {cg.get('chosen')}"),
             ("TFLOP/s daps / fast", f"{m['daps']['tflops']:.1f} / {m['fast']['tflops']:.1f}"),
-            ("fast with cudnn.benchmark / deterministic=false / NaN fill: ms (x daps)",
+            ("fast with cudnn.benchmark / deterministic=false / NaN fill / nhwc_group_norm: ms (x daps)",
              " / ".join(f"{v['ms']:.1f} ({v['speedup_vs_daps']:.2f}x)" for v in flags.values())),
+            ("nhwc_group_norm: grad rel diff vs fast, compile s",
+             f"{flags['nhwc_group_norm']['grad_rel_diff_vs_fast']:.2e}, {flags['nhwc_group_norm']['first_call_s']:.1f}"),
             ("step speed-up fastest fast vs daps (target >= 3)", f"{out['speedup_fast_vs_daps']:.2f}x"),
             ("compile (first call, fwd+bwd)", f"{out['compile_s']:.1f} s"),
             ("peak MB above weights daps / fast", f"{m['daps']['above_weights_mb']} / {m['fast']['above_weights_mb']}")]
@@ -220,6 +227,26 @@ def flag_variants(b: Bench, fn, repeat: int, warm: int, m_daps: float) -> dict:
             apply_determinism(True)
         out[name] = dict(ms=ms, first_call_s=first, speedup_vs_daps=m_daps / ms)
     return out
+
+
+def nhwc_group_norm_variant(b: Bench, z, y, fast_fn, repeat: int, warm: int, m_daps: float) -> dict:
+    """The fast step with ``nhwc_group_norm`` (treedaps/precision.py:group_norm_in_layout), on a
+    second copy of the network compiled for it: time, compile time, peak memory, and the relative
+    L2 difference of its gradient from the fast step's (both bf16; not bitwise, the statistics
+    add in another order)."""
+    p = dataclasses.replace(b.fast_precision, nhwc_group_norm=True)
+    model = prepare_model(copy.deepcopy(b.model), p)
+    try:
+        with precision_flags(p.mode):
+            fn = step_fn(model, b.op, z, y)
+            first = b.first_call_s(fn)
+            ms = b.time_ms(fn, repeat, warm)
+            ref, got = fast_fn()[0], fn()[0]
+            rel = float((got - ref).norm() / ref.norm())
+            return dict(ms=ms, first_call_s=first, speedup_vs_daps=m_daps / ms, grad_rel_diff_vs_fast=rel,
+                        precision=p.describe(), **b.peak(fn))
+    finally:
+        del model
 
 
 def hmc_end(model, b: Bench, z, y, iters: int = 5):

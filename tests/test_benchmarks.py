@@ -28,7 +28,10 @@ def test_speed_smoke_runs_every_section(tmp_path):
     modes = res["step"]["modes"]
     assert set(modes) == {"fp32", "daps", "tf32", "bf16", "bf16_cl", "fast"} and all(m["ms"] > 0 for m in modes.values())
     flags = res["step"]["flags"]
-    assert set(flags) == {"benchmark", "nondeterministic", "nan_fill"} and all(v["ms"] > 0 for v in flags.values())
+    assert set(flags) == {"benchmark", "nondeterministic", "nan_fill", "nhwc_group_norm"}
+    assert all(v["ms"] > 0 for v in flags.values())
+    gn = flags["nhwc_group_norm"]           # eager bf16 on the CPU: the same network up to rounding
+    assert gn["precision"]["nhwc_group_norm"] is True and 0 < gn["grad_rel_diff_vs_fast"] < 0.1
     image = res["image"]
     assert set(image) == {"exp0_daps", "exp0b_daps", "exp2_fast", "exp4_fast", "exp4_fast_cost_aware", "optimizer_rules"}
     rules = image["optimizer_rules"]      # the same rows under both read rules: the same latents, bit for bit
@@ -91,3 +94,58 @@ def test_profile_reads_the_inductor_wrappers_and_layouts_of_a_compiled_graph():
     assert len(handles) == 4 and torch.allclose(net(x), before, rtol=0, atol=1e-6)   # NHWC kernels round differently
     for h in handles:
         h.remove()
+
+
+def test_nhwc_group_norm_keeps_compiled_convolution_backwards_nhwc_under_cudas_group_norm(monkeypatch):
+    """Why ``nhwc_group_norm`` exists, shown on the CPU. PyTorch's group norm decomposition (what
+    torch.compile runs) makes a non-CPU input NCHW first; on the CPU it keeps the layout. With
+    that CUDA behaviour put into Inductor's decomposition table, and oneDNN off (with it Inductor
+    makes every CPU buffer channels-last; on CUDA it decides by heuristics), a compiled channels-last conv ->
+    group norm -> SiLU -> conv with frozen weights saves the second convolution's input NCHW and
+    hands it so to its backward, beside an NHWC gradient and weight (cuDNN converts it, although
+    a gradient of the input alone does not read it). With ``swap_group_norms`` every argument is
+    NHWC, and the input gradient equals eager float32 to 1e-5 relative (Inductor's reduction
+    order)."""
+    import torch  # noqa: PLC0415
+    import torch._inductor.decomposition as decomp  # noqa: PLC0415
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_step import ConvBackwardLayouts  # noqa: PLC0415
+
+    from treedaps.precision import restore_group_norms, swap_group_norms  # noqa: PLC0415
+    gn = torch.ops.aten.native_group_norm.default
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0)).to(memory_format=torch.channels_last)
+    args = (None, None, 2, 8, 36, 4, 1e-5)
+    nhwc = lambda t: t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()  # noqa: E731
+    assert nhwc(torch._refs.native_group_norm(x, *args)[0])                      # CPU: layout kept
+    assert torch._refs.native_group_norm(x.to("meta"), *args)[0].is_contiguous()  # other devices: NCHW
+
+    cuda_like = lambda inp, *rest: torch._refs.native_group_norm(inp.contiguous(), *rest)  # noqa: E731
+    for table in (decomp.decompositions, decomp.fast_random_decomps()):
+        monkeypatch.setitem(table, gn, cuda_like)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1)).to(memory_format=torch.channels_last)
+    net.requires_grad_(False)                  # as the networks: only the latent gets a gradient
+    x.requires_grad_(True)
+    eager = torch.autograd.grad(net(x).square().sum(), x)[0]
+    layouts = {}
+    for swapped in (False, True):
+        torch._dynamo.reset()
+        if swapped:
+            swap_group_norms(net)
+        forward = torch.compile(net, dynamic=False)
+        step = lambda: torch.autograd.grad(forward(x).square().sum(), x)[0]  # noqa: E731
+        try:
+            # without oneDNN Inductor lays out as on CUDA (not forcing channels-last everywhere)
+            with torch.backends.mkldnn.flags(enabled=False), torch._inductor.config.patch(fx_graph_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):
+                step()                                          # compiles (the spy sees compiled calls only)
+                with ConvBackwardLayouts() as spy:
+                    grad = step()
+        finally:
+            restore_group_norms(net)
+        layouts[swapped] = spy.summary()
+        assert float((grad - eager).norm() / eager.norm()) < 1e-5
+    torch._dynamo.reset()
+    assert layouts[False] == {"NHWC/NCHW/NHWC": 1, "NHWC/NHWC/NHWC": 1}
+    assert layouts[True] == {"NHWC/NHWC/NHWC": 2}

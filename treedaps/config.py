@@ -32,7 +32,8 @@ RUN_KEYS = ("name", "save_dir", "seed", "seeds", "num_samples", "repulsion_scale
             "optimization_step", "branch_timestep", "use_tpu", "device", "gpu", "batch_size", "num_runs",
             "task_group", "eval_fn_list", "save_samples", "save_grids", "progress", "deterministic",
             "threads", "dist_timeout_min", "algorithm", "precision", "compile", "channels_last",
-            "cuda_graphs", "cuda_sync_every", "tpu_cores", "xla_cache_dir", "xla_sync_every", "xla_rng", "xla_prewarm")
+            "cuda_graphs", "nhwc_group_norm", "cuda_sync_every", "tpu_cores", "xla_cache_dir", "xla_sync_every",
+            "xla_rng", "xla_prewarm")
 TELEMETRY_KEYS = ("diagnostics", "pairwise_matrices", "prior_score")
 # DAPS's mcmc_sampler_config names -> MCMCConfig fields; prior_sigma_min is DAPS's and unused here.
 MCMC_NAMES = {"mc_algo": "algo"}

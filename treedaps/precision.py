@@ -46,6 +46,14 @@ The wrapper replaces ``module.forward`` only, so forward hooks (telemetry's comp
 still run eagerly around it. ``channels_last`` stores the networks' weights and their inputs in
 NHWC, which cuDNN's tensor-core convolutions prefer.
 
+``nhwc_group_norm`` (with ``channels_last``) computes every group norm of the networks by
+``group_norm_in_layout``, which keeps the NHWC layout. PyTorch's own group norm makes a CUDA input
+NCHW (eager, and the decomposition that torch.compile uses), so each convolution after a norm
+would get an NCHW input beside NHWC weights, and cuDNN converts it, forward and backward: the
+likely source of the 27 activation-sized copies in the H200's compiled step (docs/benchmarks.md).
+Emulating CUDA's decomposition on the CPU, 23 of the full-size decoder's 28 compiled convolution
+backwards got an NCHW input; with ``nhwc_group_norm``, none.
+
 Attention: the decoder's mid block and the UNet's attention layers are diffusers ``Attention``
 modules with ``AttnProcessor2_0``, i.e. ``F.scaled_dot_product_attention``. Which SDPA kernels may
 run is set by ``deterministic`` (device.py: math only when true).
@@ -68,12 +76,14 @@ _EAGER = "_treedaps_eager_forward"
 
 @dataclass(frozen=True)
 class Precision:
-    """What the config says: ``precision``, ``compile``, ``channels_last``."""
+    """What the config says: ``precision``, ``compile``, ``channels_last``, ``cuda_graphs``,
+    ``nhwc_group_norm``."""
 
     mode: str = "daps"
     compile: str = "off"        # off | static | dynamic (True = static, False = off)
     channels_last: bool = False
     cuda_graphs: bool = False   # replay each static graph as a CUDA graph (needs compile=static)
+    nhwc_group_norm: bool = False   # group norms keep the NHWC layout (group_norm_in_layout; needs channels_last)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -86,6 +96,11 @@ class Precision:
             raise ValueError(f"channels_last must be true or false, got {self.channels_last!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if not isinstance(self.nhwc_group_norm, bool):
+            raise ValueError(f"nhwc_group_norm must be true or false, got {self.nhwc_group_norm!r}")
+        if self.nhwc_group_norm and not self.channels_last:
+            raise ValueError("nhwc_group_norm=true needs channels_last=true (it keeps the NHWC layout that "
+                             "channels_last gives)")
         if self.cuda_graphs and self.compile != "static":
             raise ValueError(f"cuda_graphs=true needs compile=static or true (a CUDA graph replays one "
                              f"shape), got compile={self.compile}")
@@ -97,7 +112,8 @@ class Precision:
         compile_, graphs = cfg.get("compile", False), cfg.get("cuda_graphs", False)
         if compile_ is True:
             compile_ = "static" if cfg.get("batch_size", 1) == 1 or graphs is True else "dynamic"
-        return cls(str(cfg.get("precision", "daps")), compile_, cfg.get("channels_last", False), graphs)
+        return cls(str(cfg.get("precision", "daps")), compile_, cfg.get("channels_last", False), graphs,
+                   cfg.get("nhwc_group_norm", False))
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -112,7 +128,8 @@ class Precision:
         d = self.describe()
         return (f"precision: {self.mode} (tf32 matmul={d['tf32_matmul']} cudnn={d['tf32_cudnn']}, autocast "
                 f"{d['autocast'] or 'off'} for decoder and denoiser), compile={self.compile}, "
-                f"channels_last={self.channels_last}, cuda_graphs={self.cuda_graphs}")
+                f"channels_last={self.channels_last}, cuda_graphs={self.cuda_graphs}, "
+                f"nhwc_group_norm={self.nhwc_group_norm}")
 
 
 # -- global flags --------------------------------------------------------------------------------
@@ -241,6 +258,46 @@ def _swappable_upsamplers(network: nn.Module) -> list[nn.Module]:
             and getattr(m, "norm", None) is None and not getattr(m, "use_conv_transpose", True)]
 
 
+def group_norm_in_layout(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in ``x``'s own memory layout: an NHWC input gives an NHWC output (and gradient).
+
+    PyTorch's group norm makes a CUDA input NCHW first, in eager mode and in the decomposition that
+    torch.compile uses (``torch._refs.native_group_norm``; on the CPU it keeps the layout). In a
+    channels-last network every convolution after a norm then receives an NCHW input beside NHWC
+    weights, and cuDNN converts it, forward and backward. Here the channels are split into groups
+    by a view (``(N, C, ...) -> (N, G, C/G, ...)``, valid in either layout) and the statistics
+    reduce over the view, as the decomposition does after its reshape: float32 statistics, biased
+    variance, ``rsqrt(var + eps)``. The output is float32 under autocast (where ``group_norm`` runs
+    in float32) and ``x``'s dtype otherwise. Same values as ``norm(x)`` up to float32 rounding
+    (the reductions add in another order)."""
+    dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    groups = x.float().unflatten(1, (norm.num_groups, x.shape[1] // norm.num_groups))
+    var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.ndim)), unbiased=False, keepdim=True)
+    out = ((groups - mean) * torch.rsqrt(var + norm.eps)).flatten(1, 2)
+    if norm.affine:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        out = out * norm.weight.view(shape) + norm.bias.view(shape)
+    return out.to(dtype)
+
+
+_NORM_FORWARD = "_treedaps_group_norm_in_layout"
+
+
+def swap_group_norms(network: nn.Module) -> int:
+    """Compute every ``nn.GroupNorm`` of ``network`` by ``group_norm_in_layout``; returns how many."""
+    norms = [m for m in network.modules() if isinstance(m, nn.GroupNorm)]
+    for m in norms:
+        m.forward = functools.partial(group_norm_in_layout, m)
+        vars(m)[_NORM_FORWARD] = True
+    return len(norms)
+
+
+def restore_group_norms(network: nn.Module) -> None:
+    for m in network.modules():
+        if vars(m).pop(_NORM_FORWARD, False):
+            del m.forward
+
+
 _UPSAMPLE_HOOK = "_treedaps_nearest2x_hook"
 
 
@@ -262,9 +319,11 @@ def restore_upsamplers(network: nn.Module) -> None:
 
 
 def unwrap_model(model: nn.Module) -> None:
-    """Undo ``prepare_model`` (eager forwards, contiguous weights, F.interpolate upsampling)."""
+    """Undo ``prepare_model`` (eager forwards, contiguous weights, F.interpolate upsampling,
+    PyTorch's group norm)."""
     for module in model.hookable_modules().values():
         restore_upsamplers(module)
+        restore_group_norms(module)
         if _EAGER in vars(module):
             own = vars(module).pop(_EAGER)       # an instance-level forward there was before, or None
             del module.forward
@@ -288,6 +347,8 @@ def prepare_model(model: nn.Module, precision: Precision) -> nn.Module:
         eager = module.forward
         if precision.channels_last:
             module.to(memory_format=torch.channels_last)
+        if precision.nhwc_group_norm:
+            swap_group_norms(module)
         fwd = _wrapped_forward(eager, precision.autocast_dtype, precision.channels_last)
         if precision.compile != "off":
             swap_upsamplers(module)
