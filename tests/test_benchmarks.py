@@ -96,32 +96,29 @@ def test_profile_reads_the_inductor_wrappers_and_layouts_of_a_compiled_graph():
         h.remove()
 
 
-def test_nhwc_group_norm_keeps_compiled_convolution_backwards_nhwc_under_cudas_group_norm(monkeypatch):
+def test_nhwc_group_norm_keeps_compiled_convolution_backwards_nhwc_under_cudas_group_norm():
     """Why ``nhwc_group_norm`` exists, shown on the CPU. PyTorch's group norm decomposition (what
     torch.compile runs) makes a non-CPU input NCHW first; on the CPU it keeps the layout. With
-    that CUDA behaviour put into Inductor's decomposition table, and oneDNN off (with it Inductor
-    makes every CPU buffer channels-last; on CUDA it decides by heuristics), a compiled channels-last conv ->
-    group norm -> SiLU -> conv with frozen weights saves the second convolution's input NCHW and
-    hands it so to its backward, beside an NHWC gradient and weight (cuDNN converts it, although
-    a gradient of the input alone does not read it). With ``swap_group_norms`` every argument is
-    NHWC, and the input gradient equals eager float32 to 1e-5 relative (Inductor's reduction
-    order)."""
+    that CUDA behaviour in Inductor's decomposition table, and oneDNN off (with it Inductor makes
+    every CPU buffer channels-last; on CUDA it decides by heuristics)
+    (``cuda_layouts.cuda_group_norm_decomposition``), a compiled channels-last conv -> group norm
+    -> SiLU -> conv with frozen weights saves the second convolution's input NCHW and hands it so
+    to its backward, beside an NHWC gradient and weight (cuDNN converts the gradient to it and
+    back). With ``swap_group_norms`` every argument is NHWC, and the input gradient equals eager
+    float32 to 1e-5 relative (Inductor's reduction order)."""
     import torch  # noqa: PLC0415
     import torch._inductor.decomposition as decomp  # noqa: PLC0415
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cuda_layouts import GROUP_NORM, cuda_group_norm_decomposition  # noqa: PLC0415
     from profile_step import ConvBackwardLayouts  # noqa: PLC0415
 
     from treedaps.precision import restore_group_norms, swap_group_norms  # noqa: PLC0415
-    gn = torch.ops.aten.native_group_norm.default
     x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0)).to(memory_format=torch.channels_last)
     args = (None, None, 2, 8, 36, 4, 1e-5)
     nhwc = lambda t: t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()  # noqa: E731
     assert nhwc(torch._refs.native_group_norm(x, *args)[0])                      # CPU: layout kept
     assert torch._refs.native_group_norm(x.to("meta"), *args)[0].is_contiguous()  # other devices: NCHW
 
-    cuda_like = lambda inp, *rest: torch._refs.native_group_norm(inp.contiguous(), *rest)  # noqa: E731
-    for table in (decomp.decompositions, decomp.fast_random_decomps()):
-        monkeypatch.setitem(table, gn, cuda_like)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
                               torch.nn.Conv2d(8, 8, 3, padding=1)).to(memory_format=torch.channels_last)
@@ -136,9 +133,7 @@ def test_nhwc_group_norm_keeps_compiled_convolution_backwards_nhwc_under_cudas_g
         forward = torch.compile(net, dynamic=False)
         step = lambda: torch.autograd.grad(forward(x).square().sum(), x)[0]  # noqa: E731
         try:
-            # without oneDNN Inductor lays out as on CUDA (not forcing channels-last everywhere)
-            with torch.backends.mkldnn.flags(enabled=False), torch._inductor.config.patch(fx_graph_cache=False), \
-                    torch._functorch.config.patch(enable_autograd_cache=False):
+            with cuda_group_norm_decomposition():
                 step()                                          # compiles (the spy sees compiled calls only)
                 with ConvBackwardLayouts() as spy:
                     grad = step()
@@ -149,3 +144,4 @@ def test_nhwc_group_norm_keeps_compiled_convolution_backwards_nhwc_under_cudas_g
     torch._dynamo.reset()
     assert layouts[False] == {"NHWC/NCHW/NHWC": 1, "NHWC/NHWC/NHWC": 1}
     assert layouts[True] == {"NHWC/NHWC/NHWC": 2}
+    assert decomp.fast_random_decomps()[GROUP_NORM] is torch._refs.native_group_norm      # put back

@@ -258,6 +258,16 @@ def _swappable_upsamplers(network: nn.Module) -> list[nn.Module]:
             and getattr(m, "norm", None) is None and not getattr(m, "use_conv_transpose", True)]
 
 
+_AUTOCAST_BY_DEVICE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 has no device argument)."""
+    if _AUTOCAST_BY_DEVICE:
+        return torch.is_autocast_enabled(device_type)
+    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def group_norm_in_layout(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` in ``x``'s own memory layout: an NHWC input gives an NHWC output (and gradient).
 
@@ -270,7 +280,7 @@ def group_norm_in_layout(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     variance, ``rsqrt(var + eps)``. The output is float32 under autocast (where ``group_norm`` runs
     in float32) and ``x``'s dtype otherwise. Same values as ``norm(x)`` up to float32 rounding
     (the reductions add in another order)."""
-    dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = torch.float32 if _autocast_enabled(x.device.type) else x.dtype
     groups = x.float().unflatten(1, (norm.num_groups, x.shape[1] // norm.num_groups))
     var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.ndim)), unbiased=False, keepdim=True)
     out = ((groups - mean) * torch.rsqrt(var + norm.eps)).flatten(1, 2)
