@@ -49,10 +49,11 @@ NHWC, which cuDNN's tensor-core convolutions prefer.
 ``nhwc_group_norm`` (with ``channels_last``) computes every group norm of the networks by
 ``group_norm_in_layout``, which keeps the NHWC layout. PyTorch's own group norm makes a CUDA input
 NCHW (eager, and the decomposition that torch.compile uses), so each convolution after a norm
-would get an NCHW input beside NHWC weights, and cuDNN converts it, forward and backward: the
-likely source of the 27 activation-sized copies in the H200's compiled step (docs/benchmarks.md).
-Emulating CUDA's decomposition on the CPU, 23 of the full-size decoder's 28 compiled convolution
-backwards got an NCHW input; with ``nhwc_group_norm``, none.
+gets an NCHW input beside NHWC weights; the compiled graph saves it so, and cuDNN's backward
+converts the NHWC gradient to the input's layout and back. That fits the 27 activation-sized
+copies of the H200's compiled step (docs/benchmarks.md). With CUDA's decomposition on the CPU
+(benchmarks/cuda_layouts.py), 23 of the full-size decoder's 28 compiled convolution backwards got
+an NCHW input; with ``nhwc_group_norm``, none.
 
 Attention: the decoder's mid block and the UNet's attention layers are diffusers ``Attention``
 modules with ``AttnProcessor2_0``, i.e. ``F.scaled_dot_product_attention``. Which SDPA kernels may
@@ -274,12 +275,13 @@ def group_norm_in_layout(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     PyTorch's group norm makes a CUDA input NCHW first, in eager mode and in the decomposition that
     torch.compile uses (``torch._refs.native_group_norm``; on the CPU it keeps the layout). In a
     channels-last network every convolution after a norm then receives an NCHW input beside NHWC
-    weights, and cuDNN converts it, forward and backward. Here the channels are split into groups
-    by a view (``(N, C, ...) -> (N, G, C/G, ...)``, valid in either layout) and the statistics
-    reduce over the view, as the decomposition does after its reshape: float32 statistics, biased
-    variance, ``rsqrt(var + eps)``. The output is float32 under autocast (where ``group_norm`` runs
-    in float32) and ``x``'s dtype otherwise. Same values as ``norm(x)`` up to float32 rounding
-    (the reductions add in another order)."""
+    weights, and cuDNN's backward converts the gradient to that layout and back. Here the
+    channels are split into groups by a view (``(N, C, ...) -> (N, G, C/G, ...)``, valid in either
+    layout) and the statistics reduce over the view, as the decomposition does after its reshape:
+    float32 statistics, biased variance, ``rsqrt(var + eps)``. The output is float32 under
+    autocast (as CUDA's autocast gives for ``group_norm``; the CPU's gives the input's dtype) and
+    ``x``'s dtype otherwise. Same values as ``norm(x)`` up to float32 rounding (the reductions
+    add in another order)."""
     dtype = torch.float32 if _autocast_enabled(x.device.type) else x.dtype
     groups = x.float().unflatten(1, (norm.num_groups, x.shape[1] // norm.num_groups))
     var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.ndim)), unbiased=False, keepdim=True)
