@@ -1,13 +1,13 @@
 """Paired precision check on the CPU: fp32 vs bf16 through the real path (tiny CompVis LDM).
 
-    python benchmarks/precision_pairs.py [--n 10] [--out /tmp/pairs] [--variant bf16|fast]
+    python benchmarks/precision_pairs.py [--n 10] [--out /tmp/pairs] [--variant bf16|fast|fast_gn]
 
 Runs exp 0 (4 particles, short schedule) twice on the same n real images (data=demo-ffhq,
 data.resolution=64, model=tiny_ldm), once with precision=fp32 and once with precision=bf16 (or,
 with ``--variant fast``, the whole fast path: bf16, channels_last, compile=static, cuda_graphs,
-which the CPU ignores), and reports the paired best-of-4 PSNR difference (variant - fp32: mean,
-95% bootstrap interval) and the
-share of particles whose mode label is identical. Trajectories are chaotic, so distributions are
+which the CPU ignores; ``fast_gn``: the same with nhwc_group_norm), and reports the paired
+best-of-4 PSNR difference (variant - fp32: mean, 95% bootstrap interval) and the share of
+particles whose mode label is identical. Trajectories are chaotic, so distributions are
 compared, not bits. The tiny model has random weights: this checks the machinery, not the real
 network's quality (that is benchmarks/speed.py, section accuracy, on the GPU).
 """
@@ -31,6 +31,7 @@ from treedaps.runner import Experiment  # noqa: E402
 
 VARIANTS = {"fp32": ["precision=fp32"], "bf16": ["precision=bf16"],
             "fast": ["precision=bf16", "channels_last=true", "compile=static", "cuda_graphs=true"]}
+VARIANTS["fast_gn"] = [*VARIANTS["fast"], "nhwc_group_norm=true"]
 
 
 def run_pair(save_dir: Path, n: int = 10, variant: str = "bf16") -> dict:
@@ -60,7 +61,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--out", default="/tmp/precision_pairs")
-    ap.add_argument("--variant", choices=("bf16", "fast"), default="bf16")
+    ap.add_argument("--variant", choices=("bf16", "fast", "fast_gn"), default="bf16")
     args = ap.parse_args()
     res = run_pair(Path(args.out), args.n, args.variant)
     print(json.dumps(res, indent=1))

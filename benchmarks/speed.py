@@ -14,11 +14,12 @@ later sections use the faster of the two if the check passed (``chosen_fast`` in
 Sections, in this order (each guarded: a failure is recorded, the rest goes on):
 
   step        one MCMC step (decode + phase-retrieval loss + backward) at batch 4 in every mode
-              (fp32, daps, tf32, bf16, bf16+channels_last, fast): median of CUDA-event times after
-              warm-up, peak memory (allocated / reserved, and above the weights), TFLOP/s from one
-              FlopCounterMode count; compile time (first call of fast, forward + backward); the
-              compiled graph at batch 2 (after pruning); fast_cg's time (batch 4 and 2) and its
-              check; the speed-up is the chosen variant's. Also the fast step with cuDNN's
+              (fp32, daps, tf32, bf16, bf16+channels_last, the same with nhwc_group_norm, fast;
+              all eager but fast): median of CUDA-event times after warm-up, peak memory
+              (allocated / reserved, and above the weights), TFLOP/s from one FlopCounterMode
+              count; compile time (first call of fast, forward + backward); the compiled graph at
+              batch 2 (after pruning); fast_cg's time (batch 4 and 2) and its check; the speed-up
+              is the chosen variant's. Also the fast step with cuDNN's
               autotuning (cudnn.benchmark) and with deterministic=false, which runs do not use by
               default (what reproducibility costs), and with PyTorch's NaN fill of new outputs,
               which runs switch off (``flags``); and fast with nhwc_group_norm (group norms
@@ -82,7 +83,8 @@ from treedaps.throughput import auto_batch_size, images_per_gpu_hour  # noqa: E4
 FAST = Precision("bf16", compile="static", channels_last=True)
 FAST_CG = Precision("bf16", compile="static", channels_last=True, cuda_graphs=True)
 MODES = {"fp32": Precision("fp32"), "daps": Precision("daps"), "tf32": Precision("tf32"),
-         "bf16": Precision("bf16"), "bf16_cl": Precision("bf16", channels_last=True)}
+         "bf16": Precision("bf16"), "bf16_cl": Precision("bf16", channels_last=True),
+         "bf16_cl_gn": Precision("bf16", channels_last=True, nhwc_group_norm=True)}
 
 
 class Bench:

@@ -26,7 +26,8 @@ def test_speed_smoke_runs_every_section(tmp_path):
     res = json.loads((tmp_path / "speed.json").read_text())
     assert res["errors"] == {} and list(res["section_s"]) == ["step", "image", "accuracy", "throughput"]
     modes = res["step"]["modes"]
-    assert set(modes) == {"fp32", "daps", "tf32", "bf16", "bf16_cl", "fast"} and all(m["ms"] > 0 for m in modes.values())
+    assert set(modes) == {"fp32", "daps", "tf32", "bf16", "bf16_cl", "bf16_cl_gn", "fast"}
+    assert all(m["ms"] > 0 for m in modes.values())
     flags = res["step"]["flags"]
     assert set(flags) == {"benchmark", "nondeterministic", "nan_fill", "nhwc_group_norm"}
     assert all(v["ms"] > 0 for v in flags.values())
