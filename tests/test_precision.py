@@ -408,17 +408,20 @@ def test_config_refuses_bad_values(tmp_path, override, message):
 
 
 def test_run_records_precision_and_throughput(tmp_path):
-    """A demo run with precision=bf16 and batch_size=auto (1 on the CPU): metadata and timing."""
+    """A demo run with precision=tf32, channels_last with nhwc_group_norm and batch_size=auto (1 on
+    the CPU): metadata and timing."""
     from conftest import make_cfg  # noqa: PLC0415
     from treedaps.runner import Experiment  # noqa: PLC0415
     before = read_flags()
     try:
         out = Experiment(make_cfg(tmp_path, "precision=tf32", "batch_size=auto", "data.end_id=2", "cuda_sync_every=25",
-                                  "save_grids=false", "save_samples=false")).run()
+                                  "channels_last=true", "nhwc_group_norm=true", "save_grids=false",
+                                  "save_samples=false")).run()
     finally:
         restore_flags(before)
     meta = out["metadata"]
     assert meta["precision"]["mode"] == "tf32" and meta["precision"]["tf32_matmul"] is True
+    assert meta["precision"]["channels_last"] is True and meta["precision"]["nhwc_group_norm"] is True
     assert meta["batch_size"]["config"] == "auto" and "cpu" in meta["batch_size"]["probe"]["reason"]
     assert meta["optimizer_sync_every"] is None          # cuda_sync_every: CUDA only; the CPU reads every iteration
     timing = out["timing"]
