@@ -25,7 +25,8 @@ Sections, in this order (each guarded: a failure is recorded, the rest goes on):
               which runs switch off (``flags``); and fast with nhwc_group_norm (group norms
               that keep the NHWC layout: no conversions at the convolutions; off by default
               until timed), a second copy of the network compiled, with its gradient's relative
-              difference from fast's
+              difference from fast's. With ``--nhwc-group-norm`` the fast path has it, and that
+              variant runs PyTorch's norm instead (``flags.pytorch_group_norm``)
   image       per image (one measurement, 4 particles, 50 annealing steps): exp 0 (Langevin 100) and
               exp 0b (HMC 65) under daps, exp 2 and exp 4 (same budgets) under fast, exp 4 once
               more with the cost-aware optimisation preset. Each kind of annealing step (explore /
@@ -91,13 +92,14 @@ class Bench:
     """Model pair (eager for the modes, a deep copy wrapped once as ``fast``), inputs, clock."""
 
     def __init__(self, smoke: bool, compile_: bool, cuda_graphs: bool = False, choose: bool = False,
-                 image_from: str | None = None):
+                 image_from: str | None = None, nhwc_group_norm: bool = False):
         self.smoke = smoke
         self.dev = select_device("cpu" if smoke else "cuda")
         self.model = full_model("ffhq", self.dev, smoke)
         self.choose = choose        # the step section may switch fast to fast_cg (cuda_graph_variant)
         self.image_from = image_from            # --image-from: an earlier run's image times
-        self.fast_precision = (FAST_CG if cuda_graphs else FAST) if compile_ else Precision("bf16", channels_last=True)
+        fast = (FAST_CG if cuda_graphs else FAST) if compile_ else Precision("bf16", channels_last=True)
+        self.fast_precision = dataclasses.replace(fast, nhwc_group_norm=nhwc_group_norm)
         self.fast = prepare_model(copy.deepcopy(self.model), self.fast_precision)
         size = self.model.image_shape[-1]
         self.op = PhaseRetrieval(2.0, size, 0.05)
@@ -180,8 +182,8 @@ def section_step(b: Bench, res: dict):
         out["fast_smaller_batches_ms"] = {n: b.time_ms(step_fn(b.fast, b.op, z[:n], y[:n]), repeat, warm)
                                           for n in (2,)}
         out["flags"] = flag_variants(b, fn, repeat, warm, m_daps=out["modes"]["daps"]["ms"])
-        out["flags"]["nhwc_group_norm"] = nhwc_group_norm_variant(b, z, y, fn, repeat, warm,
-                                                                  m_daps=out["modes"]["daps"]["ms"])
+        other = "pytorch_group_norm" if b.fast_precision.nhwc_group_norm else "nhwc_group_norm"
+        out["flags"][other] = group_norm_variant(b, z, y, fn, repeat, warm, m_daps=out["modes"]["daps"]["ms"])
     if b.choose:
         out["cuda_graphs"] = cuda_graph_variant(b, z, y, flops, out["modes"]["fast"]["ms"], repeat, warm)
     m, flags = out["modes"], out["flags"]
@@ -195,10 +197,10 @@ def section_step(b: Bench, res: dict):
              f"{cg.get('ms', float('nan')):.1f} / {cg.get('batch2_ms', float('nan')):.1f}, "
              f"{cg.get('check_grad_rel_diff')} / {cg.get('check_max_abs_diff')}, {cg.get('chosen')}"),
             ("TFLOP/s daps / fast", f"{m['daps']['tflops']:.1f} / {m['fast']['tflops']:.1f}"),
-            ("fast with cudnn.benchmark / deterministic=false / NaN fill / nhwc_group_norm: ms (x daps)",
+            (f"fast with {' / '.join(flags)}: ms (x daps)",
              " / ".join(f"{v['ms']:.1f} ({v['speedup_vs_daps']:.2f}x)" for v in flags.values())),
-            ("nhwc_group_norm: grad rel diff vs fast, compile s",
-             f"{flags['nhwc_group_norm']['grad_rel_diff_vs_fast']:.2e}, {flags['nhwc_group_norm']['first_call_s']:.1f}"),
+            (f"{other}: grad rel diff vs fast, compile s",
+             f"{flags[other]['grad_rel_diff_vs_fast']:.2e}, {flags[other]['first_call_s']:.1f}"),
             ("step speed-up fastest fast vs daps (target >= 3)", f"{out['speedup_fast_vs_daps']:.2f}x"),
             ("compile (first call, fwd+bwd)", f"{out['compile_s']:.1f} s"),
             ("peak MB above weights daps / fast", f"{m['daps']['above_weights_mb']} / {m['fast']['above_weights_mb']}")]
@@ -231,12 +233,13 @@ def flag_variants(b: Bench, fn, repeat: int, warm: int, m_daps: float) -> dict:
     return out
 
 
-def nhwc_group_norm_variant(b: Bench, z, y, fast_fn, repeat: int, warm: int, m_daps: float) -> dict:
-    """The fast step with ``nhwc_group_norm`` (treedaps/precision.py:group_norm_in_layout), on a
-    second copy of the network compiled for it: time, compile time, peak memory, and the relative
-    L2 difference of its gradient from the fast step's (both bf16; not bitwise, the statistics
-    add in another order)."""
-    p = dataclasses.replace(b.fast_precision, nhwc_group_norm=True)
+def group_norm_variant(b: Bench, z, y, fast_fn, repeat: int, warm: int, m_daps: float) -> dict:
+    """The fast step with the other group norm: ``nhwc_group_norm``
+    (treedaps/precision.py:group_norm_in_layout), or PyTorch's if fast has it (``--nhwc-group-norm``),
+    on a second copy of the network compiled for it: time, compile time, peak memory, and the
+    relative L2 difference of its gradient from the fast step's (both bf16; not bitwise, the
+    statistics add in another order)."""
+    p = dataclasses.replace(b.fast_precision, nhwc_group_norm=not b.fast_precision.nhwc_group_norm)
     model = prepare_model(copy.deepcopy(b.model), p)
     try:
         with precision_flags(p.mode):
@@ -267,8 +270,9 @@ def cuda_graph_variant(b: Bench, z, y, flops: float, fast_ms: float, repeat: int
     against fast's from the same state (a replay overwriting a buffer still in use would show); becomes
     ``b.fast`` for the later sections if it is faster than ``fast_ms`` (fast's step) and the check
     passed."""
-    cg = prepare_model(copy.deepcopy(b.model), FAST_CG)
-    with precision_flags(FAST_CG.mode):
+    p = dataclasses.replace(b.fast_precision, cuda_graphs=True)
+    cg = prepare_model(copy.deepcopy(b.model), p)
+    with precision_flags(p.mode):
         fn = step_fn(cg, b.op, z, y)
         out = dict(compile_s=b.first_call_s(fn))
         out["ms"] = b.time_ms(fn, repeat, warm)
@@ -283,7 +287,7 @@ def cuda_graph_variant(b: Bench, z, y, flops: float, fast_ms: float, repeat: int
                check_ok=bool(gdiff <= 1e-3 and diff <= 1e-3 * scale))
     out["chosen"] = bool(out["check_ok"] and out["ms"] < fast_ms)
     if out["chosen"]:
-        b.fast, b.fast_precision = cg, FAST_CG
+        b.fast, b.fast_precision = cg, p
     return out
 
 
@@ -506,6 +510,9 @@ def main() -> int:
                          "finds it faster and equal), static, cg (cuda_graphs), eager (bf16 + channels_last, "
                          "no compile; the default with --smoke)")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--nhwc-group-norm", action="store_true",
+                    help="the fast path with nhwc_group_norm (the step section then times PyTorch's norm "
+                         "as the variant)")
     ap.add_argument("--image-from", default=None,
                     help="speed.json of an earlier run whose image section the throughput section uses "
                          "when this run has none (the sections take two device calls)")
@@ -514,7 +521,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     fast = args.fast or ("eager" if args.smoke else "auto")
     b = Bench(args.smoke, compile_=fast != "eager", cuda_graphs=fast == "cg", choose=fast == "auto",
-              image_from=args.image_from)
+              image_from=args.image_from, nhwc_group_norm=args.nhwc_group_norm)
     res: dict = {"device": b.dev.describe(), "torch": torch.__version__, "weights_mb": b.weights_mb,
                  "fast": b.fast_precision.describe(), "errors": {}, "section_s": {}}
     rows: list[tuple[str, str]] = [("device", res["device"]["name"])]
