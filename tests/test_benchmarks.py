@@ -1,6 +1,8 @@
 """The GPU scripts run end to end on the CPU (``--smoke``: tiny CompVis fixture, eager), so a device
 call, whose minutes are few, does not fail on a broken script: every section of speed.py and two
-variants of profile_step.py, with their JSON."""
+variants of profile_step.py, with their JSON. Then the benchmarks' windows on a compiled graph
+(Inductor's host code, the convolution backwards' layouts) and the CUDA layout emulation of
+cuda_layouts.py, on small networks that need no fixture."""
 from __future__ import annotations
 
 import json
@@ -12,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT.parent / "shared" / "fixtures" / "daps_ref"
-pytestmark = pytest.mark.skipif(not FIX.is_dir(), reason=f"DAPS reference fixtures not found at {FIX}")
+needs_fixtures = pytest.mark.skipif(not FIX.is_dir(), reason=f"DAPS reference fixtures not found at {FIX}")
 
 
 def _run(script: str, out: Path, *args: str) -> None:
@@ -21,6 +23,7 @@ def _run(script: str, out: Path, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
+@needs_fixtures
 def test_speed_smoke_runs_every_section(tmp_path):
     _run("speed.py", tmp_path)
     res = json.loads((tmp_path / "speed.json").read_text())
@@ -52,6 +55,7 @@ def test_speed_smoke_runs_every_section(tmp_path):
     assert res["throughput"]["auto_batch"] == 1 and res["throughput"]["ratio"] > 0
 
 
+@needs_fixtures
 def test_profile_smoke_lists_kernels_and_copies(tmp_path):
     _run("profile_step.py", tmp_path, "--only", "daps", "bf16_cl")
     res = json.loads((tmp_path / "profile.json").read_text())
