@@ -97,7 +97,7 @@ def main() -> int:
     side = args.latent if not args.smoke else model.latent_shape[-1]
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, c, side, side, generator=g)
-    size = model.decode(z[:1]).shape[-1]
+    size = side * model.image_shape[-1] // model.latent_shape[-1]
     op = PhaseRetrieval(2.0, size, 0.05)
     y = op.measure(torch.rand(1, 3, size, size, generator=g) * 2 - 1, g).expand(2, -1, -1, -1)
     res = {}

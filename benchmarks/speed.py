@@ -241,17 +241,14 @@ def group_norm_variant(b: Bench, z, y, fast_fn, repeat: int, warm: int, m_daps: 
     statistics add in another order)."""
     p = dataclasses.replace(b.fast_precision, nhwc_group_norm=not b.fast_precision.nhwc_group_norm)
     model = prepare_model(copy.deepcopy(b.model), p)
-    try:
-        with precision_flags(p.mode):
-            fn = step_fn(model, b.op, z, y)
-            first = b.first_call_s(fn)
-            ms = b.time_ms(fn, repeat, warm)
-            ref, got = fast_fn()[0], fn()[0]
-            rel = float((got - ref).norm() / ref.norm())
-            return dict(ms=ms, first_call_s=first, speedup_vs_daps=m_daps / ms, grad_rel_diff_vs_fast=rel,
-                        precision=p.describe(), **b.peak(fn))
-    finally:
-        del model
+    with precision_flags(p.mode):
+        fn = step_fn(model, b.op, z, y)
+        first = b.first_call_s(fn)
+        ms = b.time_ms(fn, repeat, warm)
+        ref, got = fast_fn()[0], fn()[0]
+        rel = float((got - ref).norm() / ref.norm())
+        return dict(ms=ms, first_call_s=first, speedup_vs_daps=m_daps / ms, grad_rel_diff_vs_fast=rel,
+                    precision=p.describe(), **b.peak(fn))
 
 
 def hmc_end(model, b: Bench, z, y, iters: int = 5):
