@@ -75,7 +75,7 @@ from treedaps.operators import PhaseRetrieval  # noqa: E402
 from treedaps.particles import Particles  # noqa: E402
 from treedaps.plan import PhasePlan, build_plan  # noqa: E402
 from treedaps.precision import Precision, attention_processors, precision_flags, prepare_model  # noqa: E402
-from treedaps.prewarm import prewarm  # noqa: E402
+from treedaps.prewarm import compile_count, prewarm  # noqa: E402
 from treedaps.sampler import daps_step, sample  # noqa: E402
 from treedaps.search import build_search  # noqa: E402
 from treedaps.search.consistency import OptimizationConfig, optimize_latents  # noqa: E402
@@ -360,17 +360,21 @@ def time_image(b: Bench, model, name: str, precision: Precision, extra: tuple[st
                                            plan=plan, hooks=hooks), 1)
         for kind, steps in kinds.items():
             step, start = steps[0], parts
-            times = []
+            times, compiled = [], []
             for _ in range(2):          # untimed first: compiles this batch size, autotunes cuDNN
                 clock = OptimizeClock(b.dev)
+                graphs = compile_count(b.dev.kind)
                 b.dev.synchronize()
                 t = time.perf_counter()
                 parts, _ = daps_step(model, b.op, start, plan.at(step), plan.sigmas[step], plan.sigmas[step + 1], n,
                                      s.ode, s.mcmc, b.dev, hooks, clock)
                 b.dev.synchronize()
                 times.append(time.perf_counter() - t)
+                compiled.append(compile_count(b.dev.kind) - graphs if graphs is not None else None)
+            # compilations: graphs torch.compile built during the timed run (0 unless a shape was missed)
             measured[kind] = dict(step=step, s=times[1], first_s=times[0], particles_in=len(start),
-                                  particles_out=len(parts), optimize=clock.summary())
+                                  particles_out=len(parts), optimize=clock.summary(),
+                                  compilations=compiled[1], first_compilations=compiled[0])
     total = sum(measured[k]["s"] * len(v) for k, v in kinds.items())
     optimize = sum(m["optimize"]["s"] * len(kinds[k]) for k, m in measured.items() if m["optimize"])
     return dict(per_image_s=total, optimization_s=optimize, mcmc_steps_s=total - optimize, steps=n,
@@ -424,6 +428,10 @@ def section_image(b: Bench, res: dict):
         rows.append((f"{k}: optimisation s / MCMC steps s; events' iterations, ms per iteration",
                      f"{v['optimization_s']:.1f} / {v['mcmc_steps_s']:.1f}; "
                      + ", ".join(f"{e['max_iterations']} ({e['ms_per_iteration']:.1f})" for e in events)))
+    compiled = {k: sum(m["compilations"] or 0 for m in v["measured"].values()) for k, v in out.items()}
+    if any(compiled.values()):
+        rows.append(("timed runs that compiled graphs (their times include it)",
+                     ", ".join(f"{k} {c}" for k, c in compiled.items() if c)))
     rows.append(("optimiser, 2 particles: ms per iteration, losses read every iteration / every 25; max|dz|",
                  f"{rules['host']['ms_per_iteration']:.2f} / {rules['device_k25']['ms_per_iteration']:.2f}; "
                  f"{rules['max_abs_diff']:.3g}"))

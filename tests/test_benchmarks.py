@@ -44,6 +44,7 @@ def test_speed_smoke_runs_every_section(tmp_path):
     assert image["exp2_fast"]["optimization_s"] == 0
     exp4 = image["exp4_fast"]
     assert 0 < exp4["fraction_of_exp0"] and exp4["prewarm"] is None   # eager
+    assert all(m["compilations"] == 0 for m in exp4["measured"].values())   # eager: nothing compiles
     assert exp4["kinds"] == {"explore": 5, "prune": 1, "refine_optimize": 1, "final": 1}     # an event every refine step
     events = [m["optimize"] for m in exp4["measured"].values() if m["optimize"]]
     assert len(events) == 3 and all(e["particles"] == 2 and 0 < e["ms_per_iteration"] for e in events)

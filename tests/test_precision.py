@@ -12,6 +12,7 @@ so they are identical, bit for bit.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -490,6 +491,38 @@ def test_compiled_run_prewarms_its_shapes_before_the_first_measurement(tmp_path,
     assert any(s.endswith("at 4->2") for s in shapes), shapes
     assert [s for s in shapes if s.startswith("optimiser")] == ["optimiser at 2", "optimiser at 1"]
     assert meta["prewarm"]["seconds"] > 0
+
+
+def test_compiled_run_records_compilations_inside_its_timed_measurements(tmp_path, monkeypatch, caplog):
+    """A real torch.compile of the demo prior (~15 s on the CPU): after the pre-warm no graph is
+    built while a measurement is timed (time.compilations 0, metadata.precision.timed_with_compilation
+    []); without it, the first measurement's time holds the compilation, and the run says so."""
+    import treedaps.runner as runner  # noqa: PLC0415
+    from conftest import make_cfg  # noqa: PLC0415
+    flags = read_flags()
+
+    def run(name):
+        out = runner.Experiment(make_cfg(tmp_path, "experiment=exp4", "compile=static", "data.end_id=2",
+                                         "search.optimization.max_iters=3", "save_grids=false",
+                                         "save_samples=false", name=name)).run()
+        times = [json.loads(p.read_text())["time"] for p in sorted((tmp_path / name / "units").glob("*.json"))]
+        return out["metadata"]["precision"], times
+
+    try:
+        torch._dynamo.reset()
+        meta, times = run("warm")
+        assert meta["prewarm"]["compilations"] > 0
+        assert meta["timed_with_compilation"] == [] and [t["compilations"] for t in times] == [0, 0]
+        torch._dynamo.reset()                 # forget the graphs; skip the pre-warm
+        monkeypatch.setattr(runner, "prewarm", lambda experiment, n: None)
+        with caplog.at_level("WARNING", logger="treedaps"):
+            meta, times = run("cold")
+    finally:
+        restore_flags(flags)
+        torch._dynamo.reset()
+    first, second = (t["compilations"] for t in times)
+    assert first > 0 and second == 0 and meta["timed_with_compilation"] == ["00000"]
+    assert any(f"{first} graph(s) compiled while measurements 00000 ran" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("overrides, warned", [(("compile=static", "batch_size=2"), True),

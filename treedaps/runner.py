@@ -27,7 +27,7 @@ from .modes import label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
 from .precision import RECOMPILE_LIMIT, Precision, apply_flags, prepare_model
-from .prewarm import prewarm
+from .prewarm import compile_count, prewarm
 from .results import RunDir, atomic_write_json, git_revision, save_unit_pictures, unit_name
 from .rng import measurement_generator
 from .sampler import SampleOutput, sample
@@ -153,6 +153,7 @@ class Experiment:
                                     self.baseline.prior_sigma if self.baseline else s.annealing.sigma_max, dev)
         telemetry = Telemetry(dev, model, s.operator, gt, s.thresholds,
                               bool(cfg.telemetry.diagnostics), bool(cfg.telemetry.pairwise_matrices))
+        compiled0 = self._compilations()
         with self._progress(telemetry, show) as callback:
             dev.synchronize()
             t0 = time.perf_counter()
@@ -164,7 +165,20 @@ class Experiment:
             dev.synchronize()
             elapsed = time.perf_counter() - t0
         telemetry.close()
-        self._write_units(units, items, gt, y, out, telemetry, elapsed)
+        compiled = self._compilations()
+        compiled = None if compiled is None or compiled0 is None else compiled - compiled0
+        if compiled:
+            log.warning("%d graph(s) compiled while measurements %s ran, so their times include the "
+                        "compilation: the pre-warm missed a shape (treedaps/prewarm.py)", compiled,
+                        ", ".join(self._unit(u) for u in units))
+        self._write_units(units, items, gt, y, out, telemetry, elapsed, compiled)
+
+    def _compilations(self) -> int | None:
+        """Graphs compiled so far in this process (torch.compile's, or XLA's); None when nothing is
+        compiled (``compile=off`` off XLA) or the count is unknown."""
+        if self.precision.compile == "off" and self.device.kind != "xla":
+            return None
+        return compile_count(self.device.kind)
 
     @contextmanager
     def _progress(self, telemetry: Telemetry, show: bool):
@@ -191,8 +205,10 @@ class Experiment:
 
     # -- results -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _write_units(self, units, items, gt, y, out: SampleOutput, telemetry: Telemetry, elapsed: float):
-        """One record + tensors + pictures per measurement of the batch (shared costs split evenly)."""
+    def _write_units(self, units, items, gt, y, out: SampleOutput, telemetry: Telemetry, elapsed: float,
+                     compiled: int | None):
+        """One record + tensors + pictures per measurement of the batch (shared costs split evenly;
+        ``compiled``: graphs compiled while the batch ran, recorded whole on each of its units)."""
         finals = out.images.float().cpu() if out.images is not None else None
         pruning, num_samples = self.settings.search.pruning, int(self.cfg.num_samples)
         particle_steps = self.plan.particle_steps(num_samples, pruning.num_keep if pruning else num_samples)
@@ -204,7 +220,7 @@ class Experiment:
             unit_record = record.unit_record(
                 item, seed, unit, rows, unavailable, m=m, n=len(units), elapsed=elapsed, telemetry=telemetry,
                 plan=self.plan, config_hash=self.config_hash,
-                particle_steps=particle_steps)
+                particle_steps=particle_steps, compilations=compiled)
             save_unit_pictures(self.run_dir.root, unit, scored, images, gt[m], y[m], bool(self.cfg.save_samples),
                                bool(self.cfg.save_grids))
             self.run_dir.write_unit(unit, unit_record, record.unit_tensors(scored, images, latents, gt[m], y[m],
@@ -234,7 +250,8 @@ class Experiment:
         metadata = dict(
             device=self.device.describe(),
             precision=dict(self.precision.describe(), prewarm=getattr(self, "prewarm_record", None)
-                           if self.precision.compile != "off" else None),
+                           if self.precision.compile != "off" else None,
+                           timed_with_compilation=record.timed_with_compilation(units)),
             batch_size=dict(config=self.cfg.batch_size, probe=getattr(self, "batch_probe", None)),
             gpu=record.gpu_peaks(units, self.weights_mb),
             git_revision=git_revision(), config_hash=self.config_hash, name=str(self.cfg.name),

@@ -93,6 +93,14 @@ def gpu_peaks(units: list[dict], weights_mb: float | None) -> dict:
                 peak_reserved_mb=max(reserved) if reserved else None, weights_mb=weights_mb)
 
 
+def timed_with_compilation(units: list[dict]) -> list[str] | None:
+    """metadata.precision.timed_with_compilation: the units whose time includes a compilation
+    (``time.compilations`` > 0: the pre-warm missed a shape); [] when none does, None when no
+    unit counted them (nothing compiled)."""
+    counted = [u for u in units if (u.get("time") or {}).get("compilations") is not None]
+    return [u["unit"] for u in counted if u["time"]["compilations"] > 0] if counted else None
+
+
 # -- one unit -> its summary ---------------------------------------------------------------------------
 def _unit_summary(u: dict, metrics: tuple[str, ...]) -> dict:
     finals = [p for p in u["particles"] if p["status"] == "final"]

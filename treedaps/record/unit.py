@@ -55,14 +55,17 @@ def score_rows(scored: list[dict], values: dict, metrics: tuple[str, ...], label
 
 
 def unit_record(item: dict, seed: int, unit: str, rows: list[dict], unavailable: dict, *, m: int, n: int,
-                elapsed: float, telemetry, plan: ResolvedPlan, config_hash: str, particle_steps) -> dict:
-    """units/<unit>.json: rows, coverage, time, per-step telemetry, events, memory and compute."""
+                elapsed: float, telemetry, plan: ResolvedPlan, config_hash: str, particle_steps,
+                compilations: int | None = None) -> dict:
+    """units/<unit>.json: rows, coverage, time, per-step telemetry, events, memory and compute.
+    ``time.compilations``: graphs compiled while the unit's batch ran (their time is in
+    ``total_s``; 0 after a complete pre-warm; None when nothing is compiled)."""
     finals = [r for r in rows if r["status"] == "final"]
     return dict(
         index=item["index"], name=item["name"], seed=seed, unit=unit,
         particles=rows, coverage=coverage([r["mode"] for r in finals], [r["psnr_0"] for r in finals]),
         unavailable=unavailable,
-        time=dict(total_s=elapsed / n, batch_size=n,
+        time=dict(total_s=elapsed / n, batch_size=n, compilations=compilations,
                   phases={k: v / n for k, v in phase_times(telemetry.steps).items()}),
         steps=telemetry.steps, trace=telemetry.measurements.get(m, []),
         events=[dict(event=e["event"], step=e["step"], **e["record"][m])
