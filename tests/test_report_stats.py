@@ -6,7 +6,9 @@ import io
 import pytest
 
 from test_record_report import run_of, unit, write_run
+from treedaps.record import timed_with_compilation
 from treedaps.report import main
+from treedaps.report.cli import full_report
 from treedaps.report.differences import differences
 from treedaps.report.export import to_csv, to_latex
 from treedaps.report.picks import pick_value, success_at, twin_choice
@@ -107,6 +109,20 @@ def test_comparability_warnings_name_the_difference():
     assert "B and A: seeds differ ([42] vs [42, 7])" in text and "1 common of 2 / 2" in text
     assert "C has N = 8 particles, A N = 4" in text
     assert comparability_warnings([a, run_of("A2", [unit(0, [1.0]), unit(1, [2.0])])]) == []
+
+
+def test_report_warns_under_the_time_table_when_a_measurement_was_timed_with_a_compilation():
+    units = [unit(0, [20.0]), unit(1, [21.0])]
+    for u, compiled in zip(units, (3, 0)):
+        u["unit"], u["time"]["compilations"] = f"0000{u['index']}", compiled
+    a = run_of("A", units)
+    a["metadata"]["precision"] = dict(timed_with_compilation=timed_with_compilation(units))
+    clean = run_of("B", [unit(0, [20.0]), unit(1, [21.0])])
+    text = full_report([a, clean])
+    line = "warning: A: the times of 1 measurement(s) include a compilation (00000)"
+    time_section = text.split("## Time")[1].split("## Peak memory")[0]
+    assert line in time_section and "warning: B" not in text
+    assert "\n\n" + line in time_section            # its own paragraph, not a row of the table
 
 
 def test_csv_and_latex_parse_with_a_pick_column():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .common import name
-from .cost import compute_table, iterations_table, memory_table, time_table
+from .cost import compilation_warnings, compute_table, iterations_table, memory_table, time_table
 from .export import to_csv, to_latex
 from .loading import load
 from .paired import paired
@@ -30,6 +30,7 @@ def full_report(runs: list[dict], pairs: list[tuple[int, int]] = (), tol: float 
               best_of_k_table(runs),
               "", "## Modes", modes_table(runs),
               "", "## Time (device-seconds per measurement)", time_table(runs),
+              *[line for w in compilation_warnings(runs) for line in ("", w)],
               "", "## Peak memory by phase", memory_table(runs),
               "", "## Compute per measurement", compute_table(runs)]
     iters = iterations_table(runs)

@@ -35,6 +35,18 @@ def time_table(runs: list[dict]) -> str:
     return table(head, rows)
 
 
+def compilation_warnings(runs: list[dict]) -> list[str]:
+    """One line per run some of whose measurement times include a compilation (the pre-warm missed
+    a shape: metadata.precision.timed_with_compilation)."""
+    out = []
+    for r in runs:
+        units = get(r, "metadata", "precision", "timed_with_compilation") or []
+        if units:
+            out.append(f"warning: {name(r)}: the times of {len(units)} measurement(s) include a compilation "
+                       f"({', '.join(units[:5])}{', ...' if len(units) > 5 else ''})")
+    return out
+
+
 def memory_table(runs: list[dict]) -> str:
     """The five per-phase peaks (max over measurements) and the run's overall peak, in MB."""
     head = ["run"] + [f"{label} MB" for _, label in VRAM] + ["overall MB", "reserved MB", "weights MB"]
