@@ -168,9 +168,10 @@ class Experiment:
         compiled = self._compilations()
         compiled = None if compiled is None or compiled0 is None else compiled - compiled0
         if compiled:
+            why = ("the pre-warm missed a shape (treedaps/prewarm.py)" if getattr(self, "prewarm_record", None)
+                   else "no pre-warm ran (on XLA: xla_prewarm=true)")
             log.warning("%d graph(s) compiled while measurements %s ran, so their times include the "
-                        "compilation: the pre-warm missed a shape (treedaps/prewarm.py)", compiled,
-                        ", ".join(self._unit(u) for u in units))
+                        "compilation: %s", compiled, ", ".join(self._unit(u) for u in units), why)
         self._write_units(units, items, gt, y, out, telemetry, elapsed, compiled)
 
     def _compilations(self) -> int | None:

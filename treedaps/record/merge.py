@@ -95,7 +95,7 @@ def gpu_peaks(units: list[dict], weights_mb: float | None) -> dict:
 
 def timed_with_compilation(units: list[dict]) -> list[str] | None:
     """metadata.precision.timed_with_compilation: the units whose time includes a compilation
-    (``time.compilations`` > 0: the pre-warm missed a shape); [] when none does, None when no
+    (``time.compilations`` > 0: a shape the pre-warm missed, or no pre-warm); [] when none does, None when no
     unit counted them (nothing compiled)."""
     counted = [u for u in units if (u.get("time") or {}).get("compilations") is not None]
     return [u["unit"] for u in counted if u["time"]["compilations"] > 0] if counted else None

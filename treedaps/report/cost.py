@@ -36,8 +36,8 @@ def time_table(runs: list[dict]) -> str:
 
 
 def compilation_warnings(runs: list[dict]) -> list[str]:
-    """One line per run some of whose measurement times include a compilation (the pre-warm missed
-    a shape: metadata.precision.timed_with_compilation)."""
+    """One line per run some of whose measurement times include a compilation
+    (metadata.precision.timed_with_compilation)."""
     out = []
     for r in runs:
         units = get(r, "metadata", "precision", "timed_with_compilation") or []
