@@ -75,7 +75,7 @@ from treedaps.operators import PhaseRetrieval  # noqa: E402
 from treedaps.particles import Particles  # noqa: E402
 from treedaps.plan import PhasePlan, build_plan  # noqa: E402
 from treedaps.precision import Precision, attention_processors, precision_flags, prepare_model  # noqa: E402
-from treedaps.prewarm import compile_count, prewarm  # noqa: E402
+from treedaps.prewarm import compilations_since, compile_count, prewarm  # noqa: E402
 from treedaps.sampler import daps_step, sample  # noqa: E402
 from treedaps.search import build_search  # noqa: E402
 from treedaps.search.consistency import OptimizationConfig, optimize_latents  # noqa: E402
@@ -370,7 +370,7 @@ def time_image(b: Bench, model, name: str, precision: Precision, extra: tuple[st
                                      s.ode, s.mcmc, b.dev, hooks, clock)
                 b.dev.synchronize()
                 times.append(time.perf_counter() - t)
-                compiled.append(compile_count(b.dev.kind) - graphs if graphs is not None else None)
+                compiled.append(compilations_since(graphs, b.dev.kind))
             # compilations: graphs torch.compile built during the timed run (0 unless a shape was missed)
             measured[kind] = dict(step=step, s=times[1], first_s=times[0], particles_in=len(start),
                                   particles_out=len(parts), optimize=clock.summary(),

@@ -494,9 +494,10 @@ def test_compiled_run_prewarms_its_shapes_before_the_first_measurement(tmp_path,
 
 
 def test_compiled_run_records_compilations_inside_its_timed_measurements(tmp_path, monkeypatch, caplog):
-    """A real torch.compile of the demo prior (~15 s on the CPU): after the pre-warm no graph is
-    built while a measurement is timed (time.compilations 0, metadata.precision.timed_with_compilation
-    []); without it, the first measurement's time holds the compilation, and the run says so."""
+    """A real torch.compile of the demo prior (~36 s on 1 CPU thread with an empty Inductor cache,
+    ~10 s with a filled one): after the pre-warm no graph is built while a measurement is timed
+    (time.compilations 0, metadata.precision.timed_with_compilation []); without it, the first
+    measurement's time holds the compilation, and the run says so."""
     import treedaps.runner as runner  # noqa: PLC0415
     from conftest import make_cfg  # noqa: PLC0415
     flags = read_flags()

@@ -50,6 +50,13 @@ def compile_count(kind: str = "xla") -> int | None:
     return int(data[0]) if data else 0
 
 
+def compilations_since(before: int | None, kind: str = "xla") -> int | None:
+    """Compilations since ``before`` (an earlier ``compile_count(kind)``); None if either count is
+    unknown."""
+    now = None if before is None else compile_count(kind)
+    return None if now is None else now - before
+
+
 def prewarm(experiment, measurements: int) -> dict:
     """Run the graphs of a batch of ``measurements`` on a dummy one (module docstring); returns
     the record ``metadata.xla.prewarm``: shapes run, seconds, compilations (None if unknown)."""
@@ -101,9 +108,8 @@ def prewarm(experiment, measurements: int) -> dict:
     finally:
         telemetry.close()
     seconds = time.perf_counter() - t0
-    compiled = compile_count(dev.kind)
     record = dict(shapes=shapes, seconds=seconds, measurements=measurements,
-                  compilations=None if compiled is None or compiled0 is None else compiled - compiled0)
+                  compilations=compilations_since(compiled0, dev.kind))
     log.info("pre-warm: %d shapes in %.1f s (%s%s)", len(shapes), seconds, "; ".join(shapes),
              "" if record["compilations"] is None else f"; {record['compilations']} compilations")
     return record

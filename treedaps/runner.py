@@ -27,7 +27,7 @@ from .modes import label_modes
 from .particles import Particles
 from .plan import ResolvedPlan, build_plan
 from .precision import RECOMPILE_LIMIT, Precision, apply_flags, prepare_model
-from .prewarm import compile_count, prewarm
+from .prewarm import compilations_since, compile_count, prewarm
 from .results import RunDir, atomic_write_json, git_revision, save_unit_pictures, unit_name
 from .rng import measurement_generator
 from .sampler import SampleOutput, sample
@@ -165,8 +165,7 @@ class Experiment:
             dev.synchronize()
             elapsed = time.perf_counter() - t0
         telemetry.close()
-        compiled = self._compilations()
-        compiled = None if compiled is None or compiled0 is None else compiled - compiled0
+        compiled = compilations_since(compiled0, self.device.kind)
         if compiled:
             why = ("the pre-warm missed a shape (treedaps/prewarm.py)" if getattr(self, "prewarm_record", None)
                    else "no pre-warm ran (on XLA: xla_prewarm=true)")
